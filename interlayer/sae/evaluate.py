@@ -1,0 +1,171 @@
+"""Evaluate SAEs on held-out text: reconstruction, downstream effect of splicing, top contexts per latent.
+
+One clean forward pass per batch serves every SAE; each SAE then costs one spliced and one zero-ablated pass.
+The formulas are in :mod:`interlayer.sae.metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from interlayer.data import iter_documents, token_batches
+from interlayer.errors import UserError
+from interlayer.models import LoadedModel
+from interlayer.sae.features import TopContexts
+from interlayer.sae.metrics import (
+    ReconstructionMetrics,
+    cosine_sum,
+    kl_sum,
+    next_token_ce_sum,
+    pooled_embedding,
+)
+from interlayer.sae.topk import SparseAutoencoder
+from interlayer.sites import Site, capture, resolve_sites, splice
+
+
+@dataclass
+class SiteEvaluation:
+    """Everything measured for the SAE at one site."""
+
+    reconstruction: ReconstructionMetrics
+    contexts: TopContexts
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate_saes`: per-site metrics and the evaluated token ids (for contexts)."""
+
+    sites: dict[str, SiteEvaluation]
+    input_ids_CT: torch.Tensor
+    is_causal_lm: bool
+
+    def metrics(self, site: str) -> dict[str, float]:
+        ev = self.sites[site]
+        out: dict[str, float] = dict(ev.reconstruction.result())
+        s = ev.sums
+        if self.is_causal_lm:
+            n = s["targets"]
+            clean, sae, zero = s["ce_clean"] / n, s["ce_sae"] / n, s["ce_zero"] / n
+            out |= {
+                "ce_clean": clean,
+                "ce_sae": sae,
+                "ce_zero": zero,
+                "delta_ce": sae - clean,
+                "frac_recovered": (zero - sae) / (zero - clean) if zero != clean else float("nan"),
+                "kl_clean_sae": s["kl"] / n,
+            }
+        else:
+            out |= {
+                "pooled_cosine_sae": s["cos_sae"] / s["contexts"],
+                "pooled_cosine_zero": s["cos_zero"] / s["contexts"],
+            }
+        return out
+
+
+def check_sae_fits(sae: SparseAutoencoder, site: Site, source: str) -> None:
+    if sae.cfg.d_in != site.width:
+        raise UserError(
+            f"SAE {source} has d_in {sae.cfg.d_in} but site {site.name} has width {site.width}; wrong model or site"
+        )
+
+
+def _replace_kept(
+    keep_BT: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    def replace(t_BTD: torch.Tensor) -> torch.Tensor:
+        out = t_BTD.clone()
+        out[keep_BT] = fn(t_BTD[keep_BT].float()).to(t_BTD.dtype)
+        return out
+
+    return replace
+
+
+@torch.no_grad()
+def evaluate_saes(
+    lm: LoadedModel,
+    saes: Mapping[str, SparseAutoencoder],
+    data: str,
+    tokens: int,
+    context_len: int = 128,
+    batch_size: int = 16,
+    split: str = "validation",
+    on_batch: Callable[[int], None] | None = None,
+) -> Evaluation:
+    """Evaluate each SAE (keyed by site name) on about ``tokens`` kept tokens of ``data``'s ``split``."""
+    sites = {site.name: site for site in resolve_sites(lm.model, list(saes))}
+    for name, sae in saes.items():
+        check_sae_fits(sae, sites[name], name)
+    results = {
+        name: SiteEvaluation(ReconstructionMetrics(sae.cfg.latents), TopContexts(sae.cfg.latents))
+        for name, sae in saes.items()
+    }
+    contexts: list[torch.Tensor] = []
+    seen = n_contexts = 0
+    for batch in token_batches(lm.tokenizer, iter_documents(data, split=split), context_len, batch_size):
+        inputs = {
+            "input_ids": batch.input_ids_BT.to(lm.device),
+            "attention_mask": batch.attention_mask_BT.to(lm.device),
+        }
+        keep_BT = batch.keep_BT.to(lm.device)
+        with capture(lm.model, list(sites.values())) as acts:
+            clean = _output(lm, lm.model(**inputs))
+        where_M2 = keep_BT.nonzero().cpu()
+        where_M2[:, 0] += n_contexts
+        for name, sae in saes.items():
+            result = results[name]
+            x_MD = acts[name][keep_BT].float()
+            z_MF = sae.encode(x_MD)
+            result.reconstruction.update(x_MD, sae.decode(z_MF), z_MF)
+            result.contexts.update(z_MF, where_M2)
+            with splice(lm.model, {sites[name]: _replace_kept(keep_BT, sae)}):
+                spliced = _output(lm, lm.model(**inputs))
+            with splice(lm.model, {sites[name]: _replace_kept(keep_BT, torch.zeros_like)}):
+                zeroed = _output(lm, lm.model(**inputs))
+            if lm.is_causal_lm:
+                for key, logits in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed)):
+                    total, count = next_token_ce_sum(logits, inputs["input_ids"], keep_BT)
+                    result.add(key, total)
+                result.add("targets", count)
+                result.add("kl", kl_sum(clean, spliced, keep_BT))
+            else:
+                mask = inputs["attention_mask"]
+                u_clean = pooled_embedding(clean, mask)
+                result.add("cos_sae", cosine_sum(u_clean, pooled_embedding(spliced, mask)))
+                result.add("cos_zero", cosine_sum(u_clean, pooled_embedding(zeroed, mask)))
+                result.add("contexts", clean.shape[0])
+        contexts.append(batch.input_ids_BT)
+        n_contexts += batch.input_ids_BT.shape[0]
+        seen += int(batch.keep_BT.sum())
+        if on_batch is not None:
+            on_batch(int(batch.keep_BT.sum()))
+        if seen >= tokens:
+            break
+    if not contexts:
+        raise UserError(f"data {data} gave no evaluation tokens in split {split!r}")
+    return Evaluation(results, torch.cat(contexts), lm.is_causal_lm)
+
+
+def _output(lm: LoadedModel, out: object) -> torch.Tensor:
+    """Logits of a causal LM, else the last hidden state."""
+    return out.logits if lm.is_causal_lm else out.last_hidden_state  # type: ignore[attr-defined]
+
+
+def reconstruction_sweep(
+    sae: SparseAutoencoder, x_ND: torch.Tensor, ks: list[int]
+) -> list[tuple[float, float]]:
+    """(L0, pooled EV) of a TopK SAE evaluated at each k in ``ks`` on the activations ``x_ND``."""
+    points = []
+    for k in ks:
+        metrics = ReconstructionMetrics(sae.cfg.latents)
+        z = sae.encode(x_ND, k=k)  # type: ignore[call-arg]
+        metrics.update(x_ND, sae.decode(z), z)
+        result = metrics.result()
+        points.append((result["l0"], result["explained_variance"]))
+    return points

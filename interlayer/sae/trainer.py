@@ -1,0 +1,270 @@
+"""Train one SAE per site from a shared stream of activation chunks, resumably.
+
+Per step, for a batch x (scaled by c when normalising, so that E‖c·x‖² = d):
+    L = Σ‖x − x̂‖² / Σ‖x − x̄‖²  +  α · min(n_dead / k_aux, 1) · Σ‖e − ê‖² / Σ‖x − x̄‖²,
+with e = x − x̂ (detached), ê the AuxK reconstruction from the top k_aux (= d/2) pre-activations among
+latents that have not fired for ``dead_tokens`` tokens, x̄ the batch mean and α = 1/32. Adam with
+lr = 2e-4 / sqrt(F / 2^14) unless given. The decoder gradient is projected orthogonal to each unit row before
+the step, and rows are renormalised after it. b_dec starts at the mean of the first chunk.
+
+Checkpoints are one safetensors file holding every site's parameters, Adam moments and dead-latent counters,
+with the run state in its metadata, written atomically at chunk boundaries. Because chunk i and its shuffle
+depend only on (data, seed, i), a resumed run takes exactly the steps the uninterrupted one would have.
+Sites are independent: a later distributed trainer can give each rank a subset of sites (module-parallel)
+or average gradients per site (DDP) without changing this file's state format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from interlayer.activations import Chunk, shuffled_batches
+from interlayer.atomic import read_json, read_metadata, read_tensors, write_json, write_tensors
+from interlayer.errors import UserError
+from interlayer.sae.config import SAEConfig
+from interlayer.sae.io import folded_copy, save_sae
+from interlayer.sae.topk import SparseAutoencoder, build_sae
+
+CHECKPOINT = "checkpoint.safetensors"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How SAEs are trained (shared by every site of a run)."""
+
+    tokens: int = 2_000_000
+    """Training tokens per SAE (kept tokens only: special tokens never reach the SAE)."""
+    batch_size: int = 4096
+    """Tokens per optimiser step."""
+    lr: float | None = None
+    """Adam learning rate; None means 2e-4 / sqrt(latents / 2^14)."""
+    seed: int = 0
+    """Seeds the initialisation and every chunk's shuffle."""
+    aux_alpha: float = 1 / 32
+    """Weight of the AuxK loss."""
+    k_aux: int | None = None
+    """Dead latents used by AuxK per token; None means d_in // 2."""
+    dead_tokens: int = 1_000_000
+    """A latent is dead after this many tokens without firing."""
+    normalise: bool = True
+    """Scale inputs so E‖c·x‖² = d_in (c estimated on the first chunk, folded into saved weights)."""
+    checkpoint_seconds: float = 120.0
+    """Minimum wall time between checkpoints (0: after every chunk)."""
+
+    def __post_init__(self) -> None:
+        if self.tokens < self.batch_size:
+            raise UserError(f"tokens ({self.tokens}) must be at least batch_size ({self.batch_size})")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.lr is not None and not self.lr > 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+
+    def lr_for(self, latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(latents / 2**14)
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+
+class SiteTrainer:
+    """One SAE, its optimiser and its dead-latent counters."""
+
+    def __init__(
+        self, sae_cfg: SAEConfig, train_cfg: TrainConfig, input_scale: float, device: torch.device
+    ) -> None:
+        self.cfg = train_cfg
+        normalisation = "mean_squared_norm" if train_cfg.normalise else "none"
+        self.sae: SparseAutoencoder = build_sae(
+            replace(sae_cfg, normalisation=normalisation, input_scale=input_scale)
+        ).to(device)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=train_cfg.lr_for(sae_cfg.latents))
+        self.since_fired_F = torch.zeros(sae_cfg.latents, dtype=torch.long, device=device)
+        self.k_aux = train_cfg.k_aux if train_cfg.k_aux is not None else sae_cfg.d_in // 2
+
+    @classmethod
+    def start(cls, sae_cfg: SAEConfig, train_cfg: TrainConfig, first_chunk_ND: torch.Tensor) -> SiteTrainer:
+        """A fresh trainer whose input scale and b_dec come from the first chunk of data."""
+        scale = 1.0
+        if train_cfg.normalise:
+            scale = math.sqrt(sae_cfg.d_in / float(first_chunk_ND.pow(2).sum(1).mean().clamp_min(1e-12)))
+        trainer = cls(sae_cfg, train_cfg, scale, first_chunk_ND.device)
+        trainer.sae.initialise_(
+            torch.Generator().manual_seed(train_cfg.seed), (first_chunk_ND * scale).mean(0)
+        )
+        return trainer
+
+    def step(self, x_BD: torch.Tensor) -> dict[str, float]:
+        """One optimiser step; returns the batch's FVU, AuxK loss, L0 and dead fraction."""
+        x_BD = x_BD * self.sae.cfg.input_scale
+        dead_F = self.since_fired_F >= self.cfg.dead_tokens
+        out = self.sae.training_forward(x_BD, dead_F, self.k_aux)
+        total_var = (x_BD - x_BD.mean(0)).pow(2).sum()
+        fvu = (out.x_hat_BD - x_BD).pow(2).sum() / total_var
+        loss = fvu
+        aux = torch.zeros(())
+        if out.aux_hat_BD is not None:
+            residual_BD = (x_BD - out.x_hat_BD).detach()
+            aux = (out.aux_hat_BD - residual_BD).pow(2).sum() / total_var
+            loss = loss + self.cfg.aux_alpha * min(int(dead_F.sum()) / self.k_aux, 1.0) * aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.project_decoder_grad_()
+        self.optimizer.step()
+        self.sae.normalise_decoder_()
+        self.since_fired_F += x_BD.shape[0]
+        self.since_fired_F[out.fired_F] = 0
+        return {
+            "fvu": float(fvu.detach()),
+            "aux_loss": float(aux.detach()),
+            "l0": out.l0,
+            "dead_fraction": float(dead_F.float().mean()),
+        }
+
+    def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        tensors = {f"{prefix}sae.{name}": t for name, t in self.sae.state_dict().items()}
+        tensors[f"{prefix}since_fired"] = self.since_fired_F
+        for index, param in enumerate(self.sae.parameters()):
+            for key, value in self.optimizer.state.get(param, {}).items():
+                tensors[f"{prefix}adam.{index}.{key}"] = torch.as_tensor(value)
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        self.sae.load_state_dict(
+            {n[len(prefix) + 4 :]: t for n, t in tensors.items() if n.startswith(prefix + "sae.")}
+        )
+        self.since_fired_F.copy_(tensors[f"{prefix}since_fired"])
+        params = list(self.sae.parameters())
+        for name, value in tensors.items():
+            if name.startswith(prefix + "adam."):
+                index, key = name[len(prefix) + 5 :].split(".", 1)
+                self.optimizer.state[params[int(index)]][key] = value.clone()
+
+
+@dataclass
+class SiteSummary:
+    """Running training statistics of one site (exponential moving averages, weight 0.9)."""
+
+    fvu: float = 1.0
+    l0: float = 0.0
+    dead_fraction: float = 0.0
+    aux_loss: float = 0.0
+
+    def update(self, stats: dict[str, float], first: bool) -> None:
+        for key, value in stats.items():
+            setattr(self, key, value if first else 0.9 * getattr(self, key) + 0.1 * value)
+
+
+def train_saes(
+    out: str | Path,
+    chunks: Callable[[int], Iterator[Chunk]],
+    sae_cfgs: dict[str, SAEConfig],
+    train_cfg: TrainConfig,
+    run_settings: dict[str, object],
+    device: str = "cpu",
+    on_step: Callable[[int, dict[str, SiteSummary]], None] | None = None,
+) -> dict[str, object]:
+    """Train one SAE per entry of ``sae_cfgs`` (keyed by site) on ``chunks(start)``, writing into ``out``.
+
+    ``out/<site>/`` gets each SAE folder and ``out/metrics.json`` the run summary. Rerunning on the same
+    folder with the same settings resumes from the checkpoint; a finished run returns its summary at once.
+    """
+    out = Path(out)
+    settings = json.loads(
+        json.dumps(
+            {
+                **run_settings,
+                "train": asdict(train_cfg),
+                "saes": {s: c.to_json() for s, c in sae_cfgs.items()},
+            }
+        )
+    )
+    if (out / RUN_FILE).exists():
+        previous = read_json(out / RUN_FILE, "run settings")
+        if previous != settings:
+            raise UserError(
+                f"{out} holds a run with other settings; rerun the same command or choose a new --out"
+            )
+        if (out / METRICS_FILE).exists():
+            return read_json(out / METRICS_FILE, "run metrics")
+    else:
+        write_json(out / RUN_FILE, settings)
+
+    state = {"chunk": 0, "step": 0}
+    trainers: dict[str, SiteTrainer] = {}
+    summaries = {site: SiteSummary() for site in sae_cfgs}
+    if (out / CHECKPOINT).exists():
+        tensors, meta = read_tensors(out / CHECKPOINT, "checkpoint"), read_metadata(out / CHECKPOINT)
+        state = json.loads(meta["state"])
+        for site, cfg in sae_cfgs.items():
+            trainers[site] = SiteTrainer(
+                cfg, train_cfg, json.loads(meta["scales"])[site], torch.device(device)
+            )
+            trainers[site].load_state_tensors(tensors, f"{site}/")
+            summaries[site] = SiteSummary(**json.loads(meta["summaries"])[site])
+
+    started = time.monotonic()
+    last_checkpoint = time.monotonic()
+    for chunk in chunks(state["chunk"]):
+        missing = set(sae_cfgs) - chunk.acts.keys()
+        if missing:
+            raise UserError(f"the activation stream lacks site(s) {', '.join(sorted(missing))}")
+        if not trainers:
+            trainers = {
+                site: SiteTrainer.start(cfg, train_cfg, chunk.acts[site]) for site, cfg in sae_cfgs.items()
+            }
+        for batch in shuffled_batches(chunk, train_cfg.batch_size, train_cfg.seed):
+            for site, trainer in trainers.items():
+                summaries[site].update(trainer.step(batch[site]), first=state["step"] == 0)
+            state["step"] += 1
+            if on_step is not None:
+                on_step(state["step"], summaries)
+            if state["step"] >= train_cfg.steps:
+                break
+        state["chunk"] = chunk.index + 1
+        if state["step"] >= train_cfg.steps:
+            break
+        if time.monotonic() - last_checkpoint >= train_cfg.checkpoint_seconds:
+            _write_checkpoint(out, trainers, state, summaries)
+            last_checkpoint = time.monotonic()
+    if not trainers:
+        raise UserError("the activation stream is empty: the data produced no tokens")
+    if state["step"] < train_cfg.steps:
+        raise UserError(
+            f"the data ran out after {state['step'] * train_cfg.batch_size} tokens of the {train_cfg.tokens} asked for; "
+            "give more data or fewer --tokens"
+        )
+    for site, trainer in trainers.items():
+        save_sae(folded_copy(trainer.sae), out / site)
+    metrics = {
+        "steps": state["step"],
+        "tokens": state["step"] * train_cfg.batch_size,
+        "seconds_this_session": round(time.monotonic() - started, 3),
+        "sites": {site: asdict(summary) for site, summary in summaries.items()},
+    }
+    write_json(out / METRICS_FILE, metrics)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return metrics
+
+
+def _write_checkpoint(
+    out: Path, trainers: dict[str, SiteTrainer], state: dict[str, int], summaries: dict[str, SiteSummary]
+) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for site, trainer in trainers.items():
+        tensors.update(trainer.state_tensors(f"{site}/"))
+    meta = {
+        "state": json.dumps(state),
+        "scales": json.dumps({site: trainer.sae.cfg.input_scale for site, trainer in trainers.items()}),
+        "summaries": json.dumps({site: asdict(summary) for site, summary in summaries.items()}),
+    }
+    write_tensors(out / CHECKPOINT, tensors, metadata=meta)

@@ -1,0 +1,231 @@
+"""Named sites inside a transformer, and hooks that capture or replace what flows through them.
+
+Site names (a contract users type):
+
+- ``embed``: the residual stream entering block 0 (token + position embeddings, after any embedding norm);
+- ``layers.N``: the residual stream after block N;
+- ``layers.N.attn``: the attention output after its output projection, as it is added to the residual;
+- ``layers.N.mlp``: the MLP output, as it is added to the residual;
+- globs over these names, where ``*`` matches within one dot-separated part and ``**`` across parts:
+  ``layers.*`` is every residual site, ``layers.*.mlp`` every MLP output, ``**`` every site.
+
+Resolution is structural, not a table per model family: the blocks are the ``nn.ModuleList`` whose length
+is ``config.num_hidden_layers``; inside a block the attention is the child whose name contains ``attn`` or
+``attention`` and the MLP the child named ``mlp``/``feed_forward``/``ffn``. Two layouts need one extra rule
+each. Sandwich-norm blocks (Gemma 2/3: a ``pre_feedforward_layernorm`` child) normalise module outputs
+before the residual add, so their sites are ``post_attention_layernorm`` and ``post_feedforward_layernorm``.
+Post-LN encoders (BERT family) fold the residual add and LayerNorm into an ``output`` submodule, so their
+sites are the projections ``attention.output.dense`` and ``output.dense``.
+
+Hooks never outlive their context manager: they are removed in ``finally`` even when the body raises.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from interlayer.errors import UserError
+
+_ATTN_WORDS = ("attn", "attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One named place in the model where a [batch, seq, width] tensor flows."""
+
+    name: str
+    """The user-facing name, e.g. ``layers.3.mlp``."""
+    module_path: str
+    """The dotted path of the hooked module inside the model."""
+    layer: int
+    """The block index (``-1`` for ``embed``)."""
+    width: int
+    """The size of the last dimension."""
+    is_block_input: bool = False
+    """True for ``embed``: hooked as the input of block 0 rather than a module output."""
+
+
+def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and len(module) > 0:
+            return path, module
+    raise UserError(
+        f"could not find the transformer blocks of {type(model).__name__} (no ModuleList of {n_layers} layers)"
+    )
+
+
+def _child_path(block: nn.Module, want: Callable[[str], bool]) -> str | None:
+    return next((name for name, _ in block.named_children() if want(name.lower())), None)
+
+
+def _module_sites(block: nn.Module) -> dict[str, str]:
+    """Relative paths of the ``attn`` and ``mlp`` sites inside one block (either may be missing)."""
+    children = dict(block.named_children())
+    if "pre_feedforward_layernorm" in children and "post_feedforward_layernorm" in children:
+        return {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
+    found: dict[str, str] = {}
+    attn = _child_path(
+        block, lambda n: any(w in n for w in _ATTN_WORDS) and "norm" not in n and "dropout" not in n
+    )
+    if attn is not None:
+        inner = dict(children[attn].named_modules())
+        found["attn"] = f"{attn}.output.dense" if "output.dense" in inner else attn
+    mlp = _child_path(block, lambda n: n in _MLP_NAMES)
+    if mlp is not None:
+        found["mlp"] = mlp
+    elif "output" in children and hasattr(children["output"], "dense"):
+        found["mlp"] = "output.dense"
+    return found
+
+
+def model_sites(model: nn.Module) -> dict[str, Site]:
+    """Every site of ``model`` by name, in forward order."""
+    width = int(model.config.hidden_size)  # type: ignore[union-attr,arg-type]
+    blocks_path, blocks = _block_list(model)
+    sites = {"embed": Site("embed", f"{blocks_path}.0", -1, width, is_block_input=True)}
+    for index, block in enumerate(blocks):
+        prefix = f"{blocks_path}.{index}"
+        for kind, rel in _module_sites(block).items():
+            sites[f"layers.{index}.{kind}"] = Site(f"layers.{index}.{kind}", f"{prefix}.{rel}", index, width)
+        sites[f"layers.{index}"] = Site(f"layers.{index}", prefix, index, width)
+    return sites
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """``*`` matches within one dot-separated part, ``**`` across parts, ``?`` one character."""
+    parts = re.split(r"(\*\*|\*|\?)", pattern)
+    wild = {"**": ".*", "*": "[^.]*", "?": "[^.]"}
+    return re.compile("".join(wild.get(part, re.escape(part)) for part in parts) + r"\Z")
+
+
+def match_site_names(available: Sequence[str], patterns: Sequence[str] | str) -> list[str]:
+    """The names in ``available`` matching ``patterns`` (names or globs; comma-separated allowed), in the
+    order of ``available``. An unknown name ends in a :class:`UserError` that lists the valid ones."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    wanted = [p.strip() for item in patterns for p in item.split(",") if p.strip()]
+    if not wanted:
+        raise UserError(f"no site given; valid sites: {', '.join(available)}")
+    chosen: set[str] = set()
+    for pattern in wanted:
+        regex = _glob_regex(pattern)
+        hits = [name for name in available if regex.match(name)]
+        if not hits:
+            raise UserError(f"unknown site {pattern!r}; valid sites: {', '.join(available)}")
+        chosen.update(hits)
+    return [name for name in available if name in chosen]
+
+
+def resolve_sites(model: nn.Module, patterns: Sequence[str] | str) -> list[Site]:
+    """The :class:`Site` objects of ``model`` matching ``patterns``, in forward order."""
+    sites = model_sites(model)
+    return [sites[name] for name in match_site_names(list(sites), patterns)]
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every wanted site has been seen, to skip the rest of the forward pass."""
+
+
+def _main_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_main_tensor(output: Any, tensor: torch.Tensor) -> Any:
+    return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+
+def _input_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _register(
+    model: nn.Module, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]
+) -> torch.utils.hooks.RemovableHandle:
+    """Hook ``fn`` on ``site``; when ``fn`` returns a tensor it replaces the site's value."""
+    module = model.get_submodule(site.module_path)
+    if site.is_block_input:
+
+        def pre_hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            new = fn(_input_hidden(args, kwargs))
+            if new is None:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(_m: nn.Module, _args: tuple, output: Any) -> Any:
+        new = fn(_main_tensor(output))
+        return None if new is None else _with_main_tensor(output, new)
+
+    return module.register_forward_hook(hook)
+
+
+@contextmanager
+def hooks(
+    model: nn.Module, fns: Mapping[Site, Callable[[torch.Tensor], torch.Tensor | None]]
+) -> Iterator[None]:
+    """Register one function per site for the duration of the block; all hooks are removed on exit."""
+    handles = []
+    try:
+        for site, fn in fns.items():
+            handles.append(_register(model, site, fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def capture(model: nn.Module, sites: Sequence[Site]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the (detached) value at each site during the forward passes run inside the block.
+
+    >>> with capture(model, resolve_sites(model, "layers.*")) as acts:
+    ...     model(**batch)
+    >>> acts["layers.0"].shape  # [batch, seq, width]
+    """
+    acts: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str) -> Callable[[torch.Tensor], None]:
+        def record(tensor: torch.Tensor) -> None:
+            acts[name] = tensor.detach()
+
+        return record
+
+    with hooks(model, {site: recorder(site.name) for site in sites}):
+        yield acts
+
+
+@contextmanager
+def splice(
+    model: nn.Module, replacements: Mapping[Site, Callable[[torch.Tensor], torch.Tensor]]
+) -> Iterator[None]:
+    """Replace each site's value by ``fn(value)`` during the forward passes run inside the block."""
+    with hooks(model, replacements):
+        yield
+
+
+def run_to_sites(model: nn.Module, sites: Sequence[Site], **inputs: Any) -> dict[str, torch.Tensor]:
+    """One forward pass that records ``sites`` and stops right after the last block any of them needs."""
+    last_layer = max(site.layer for site in sites)
+    blocks_path, _ = _block_list(model)
+    stop_site = Site(
+        "stop", f"{blocks_path}.{max(last_layer, 0)}", last_layer, 0, is_block_input=last_layer < 0
+    )
+
+    def stop(_tensor: torch.Tensor) -> None:
+        raise _StopForward
+
+    with capture(model, sites) as acts, hooks(model, {stop_site: stop}), suppress(_StopForward):
+        model(**inputs)
+    return dict(acts)

