@@ -61,7 +61,10 @@ class SAEConfig:
         missing = {"d_in", "latents", "k"} - data.keys()
         if missing:
             raise UserError(f"{source} lacks the field(s) {', '.join(sorted(missing))}")
-        if data.get("version", FORMAT_VERSION) > FORMAT_VERSION:
+        version = data.get("version", FORMAT_VERSION)
+        if not isinstance(version, int):
+            raise UserError(f"{source}: version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise UserError(
                 f"{source} has format version {data['version']}; this interlayer reads up to {FORMAT_VERSION}"
             )

@@ -157,6 +157,7 @@ def _output(lm: LoadedModel, out: object) -> torch.Tensor:
     return out.logits if lm.is_causal_lm else out.last_hidden_state  # type: ignore[attr-defined]
 
 
+@torch.no_grad()
 def reconstruction_sweep(
     sae: SparseAutoencoder, x_ND: torch.Tensor, ks: list[int]
 ) -> list[tuple[float, float]]:
