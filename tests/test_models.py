@@ -96,8 +96,9 @@ def test_unknown_dtype(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyP
         assert name in str(info.value)
 
 
-def test_zoo_not_available() -> None:
-    with pytest.raises(UserError, match="zoo"):
+def test_unknown_zoo_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid_loading(monkeypatch)
+    with pytest.raises(UserError, match="unknown zoo model 'tiny'"):
         load_model("zoo:tiny")
 
 

@@ -25,6 +25,22 @@ import torch
 import torch.nn.functional as F
 
 
+_WORKSPACE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _workspace(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A reused [rows, cols] buffer for the dense pre-activations, which are never kept past one forward.
+
+    Allocating a fresh B×F tensor every step costs more than the bias add itself on CPU (a large allocation
+    is fresh memory from the OS and page-faults on first touch), so the buffer is kept per device and dtype
+    and grown when needed."""
+    key = (like.device, like.dtype)
+    buffer = _WORKSPACE.get(key)
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = _WORKSPACE[key] = torch.empty(rows * cols, device=like.device, dtype=like.dtype)
+    return buffer[: rows * cols].view(rows, cols)
+
+
 class FusedTopKEncode(torch.autograd.Function):
     """(x_BD, W_enc_FD, b_enc_F, k, dead_F | None, k_aux) -> (values_BK, indices_BK, aux_values_BA, aux_indices_BA)."""
 
@@ -38,7 +54,9 @@ class FusedTopKEncode(torch.autograd.Function):
         dead_F: torch.Tensor | None,
         k_aux: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_FD.T)
+        pre_BF = torch.addmm(
+            b_enc_F, x_BD, W_enc_FD.T, out=_workspace(x_BD.shape[0], W_enc_FD.shape[0], x_BD)
+        )
         values_BK, indices_BK = pre_BF.topk(k, dim=1, sorted=False)
         values_BK = values_BK.clamp_(min=0)
         aux_values_BA = x_BD.new_zeros(x_BD.shape[0], 0)

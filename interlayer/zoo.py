@@ -1,0 +1,644 @@
+"""The zoo: tiny reference language models trained here, on the embedded corpus, and cached.
+
+Nothing can be downloaded where interlayer runs, yet several capabilities need a causal LM that really
+learned something. Each zoo model is built from a :class:`ZooSpec` in :data:`REGISTRY`:
+
+1. A byte-level BPE tokenizer is trained with the ``tokenizers`` library on the *train* split of
+   ``stdlib:code`` and ``stdlib:docs`` (pre-tokenisation: every digit alone, then GPT-2's byte-level split;
+   special tokens ``<s>`` (BOS, prepended by the tokenizer) and ``</s>`` (EOS, between documents)).
+2. The spec's corpus is packed into contexts of ``context_len`` tokens (``[BOS] + body``, documents joined by
+   EOS; :func:`interlayer.data.pack_contexts`). ``stdlib:*`` corpora are split by *file* (the hash rule of
+   :mod:`interlayer.data`), the arithmetic corpus by *question* (:mod:`interlayer.arithmetic`), so no
+   validation text is ever trained on.
+3. A ``transformers.LlamaForCausalLM`` (tied embeddings) is trained from ``torch.manual_seed(seed)`` with
+   AdamW (β = (0.9, 0.95), weight decay on matrices only, gradient norm clipped at 1) on
+   L = mean over positions t ≥ 1 of −log p(x_t | x_<t), with a learning rate rising linearly over
+   ``warmup_steps`` then following a cosine from ``lr`` to ``lr / 10`` at ``steps``. Batches are drawn
+   without replacement from a seeded permutation of the training contexts, renewed each epoch.
+   Deterministic algorithms are switched on for the build, so the same spec gives the same weights on the
+   same machine (same thread count).
+4. It is evaluated on the validation contexts (at most ``val_contexts`` of them, evenly spaced): validation
+   loss (nats per predicted token) and perplexity exp(loss), next to two baselines fitted on all training
+   contexts and scored on the very same targets (:func:`ngram_baselines`). ``arith-lm`` also stops early
+   once its greedy accuracy on ``probe_problems`` validation problems reaches ``stop_accuracy`` (checked every
+   ``probe_every`` steps), and is then scored on ``test_problems`` test problems with a Wilson 95% interval.
+5. It is saved with ``save_pretrained`` (model and tokenizer, the standard transformers layout) in a
+   temporary folder inside the zoo folder, ``manifest.json`` (spec, corpus fingerprints, versions, seed,
+   metrics, build time, and the sha256 of every file) is written last, and the folder is renamed into place.
+
+:func:`ensure` returns a model's folder after checking its manifest: a missing or unreadable manifest, a
+missing file, a file whose sha256 differs, a different spec or a changed corpus (for instance a new Python,
+whose stdlib is the corpus) means the entry is rebuilt, never used. ``load_model("zoo:NAME")`` goes through
+:func:`ensure`, so a model is built on first use.
+
+The zoo folder is ``$INTERLAYER_CACHE/zoo`` if ``INTERLAYER_CACHE`` is set, else
+``$XDG_CACHE_HOME/interlayer/zoo``, else ``~/.cache/interlayer/zoo``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from interlayer import arithmetic
+from interlayer.atomic import read_json, write_json
+from interlayer.data import Document, corpus_fingerprint, iter_documents, pack_contexts
+from interlayer.errors import UserError
+from interlayer.progress import progress_bar, stderr_console
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+ARITH = "arith"
+CORPORA = ("stdlib:code", "stdlib:docs", ARITH)
+BOS, EOS = "<s>", "</s>"
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """Everything that determines a zoo model; two builds of the same spec on one machine are identical."""
+
+    name: str
+    """The name after ``zoo:`` (``code-lm``)."""
+    corpus: str
+    """Training corpus: ``stdlib:code``, ``stdlib:docs`` or ``arith`` (generated word problems)."""
+    description: str
+    """One line for ``interlayer zoo list``."""
+    steps: int
+    """Maximum optimiser steps (``arith`` may stop earlier, see ``stop_accuracy``)."""
+    batch_size: int
+    """Contexts per optimiser step."""
+    vocab_size: int = 4096
+    """BPE vocabulary size, the two special tokens included."""
+    d_model: int = 256
+    """Hidden size."""
+    layers: int = 4
+    """Decoder blocks."""
+    heads: int = 4
+    """Attention heads (as many key/value heads: plain multi-head attention)."""
+    intermediate: int = 688
+    """Width of the SwiGLU MLP."""
+    context_len: int = 256
+    """Tokens per training context, and the model's maximum positions."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate."""
+    warmup_steps: int = 50
+    """Steps of linear warm-up from 0 to ``lr``."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices only (not to norms)."""
+    seed: int = 0
+    """Seeds the initialisation, the batch order and the generated corpus."""
+    max_documents: int = 0
+    """Use only the first this many documents of each split and of each tokenizer corpus (0: all)."""
+    val_contexts: int = 512
+    """At most this many validation contexts (evenly spaced over all of them) are scored."""
+    arith_train_problems: int = 0
+    """``arith`` only: generated training problems (split "train")."""
+    arith_val_problems: int = 0
+    """``arith`` only: generated validation problems, for the validation loss."""
+    probe_every: int = 0
+    """``arith`` only: check greedy accuracy on the probe set every this many steps (0: never)."""
+    probe_problems: int = 100
+    """``arith`` only: the probe set, the first problems of the validation split."""
+    stop_accuracy: float = 1.0
+    """``arith`` only: stop training once the probe accuracy reaches this."""
+    test_problems: int = 500
+    """``arith`` only: held-out problems (split "test") scored after training."""
+    reference_minutes: float = 0.0
+    """Measured build time on a 2-core CPU, shown before a build as the estimate."""
+
+    def __post_init__(self) -> None:
+        if self.corpus not in CORPORA:
+            raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {self.corpus!r}")
+        for name in ("steps", "batch_size", "d_model", "layers", "heads", "intermediate", "val_contexts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
+        if not 258 <= self.vocab_size <= 65536:
+            raise ValueError(
+                f"vocab_size must be in [258, 65536] (256 bytes + 2 specials), got {self.vocab_size}"
+            )
+        if self.context_len < 8:
+            raise ValueError(f"context_len must be at least 8, got {self.context_len}")
+        if not self.lr > 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("lr must be positive, warmup_steps and weight_decay non-negative")
+        if self.corpus == ARITH and min(self.arith_train_problems, self.arith_val_problems) < 1:
+            raise ValueError("an arith spec needs arith_train_problems and arith_val_problems of at least 1")
+
+
+REGISTRY: dict[str, ZooSpec] = {
+    spec.name: spec
+    for spec in (
+        ZooSpec(
+            name="code-lm",
+            corpus="stdlib:code",
+            description="Llama LM on the stdlib's Python source",
+            steps=1000,
+            batch_size=16,
+            reference_minutes=8.0,
+        ),
+        ZooSpec(
+            name="prose-lm",
+            corpus="stdlib:docs",
+            description="Llama LM on the stdlib's docstrings (English prose)",
+            steps=1000,
+            batch_size=16,
+            reference_minutes=8.0,
+        ),
+        ZooSpec(
+            name="arith-lm",
+            corpus=ARITH,
+            description="Llama LM on arithmetic word problems, solving some held-out ones (for RL)",
+            steps=2000,
+            batch_size=16,
+            arith_train_problems=100_000,
+            arith_val_problems=1000,
+            probe_every=100,
+            stop_accuracy=0.35,
+            reference_minutes=8.0,
+        ),
+    )
+}
+
+
+def cache_root() -> Path:
+    """``$INTERLAYER_CACHE``, else ``$XDG_CACHE_HOME/interlayer``, else ``~/.cache/interlayer``."""
+    if os.environ.get("INTERLAYER_CACHE"):
+        return Path(os.environ["INTERLAYER_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "interlayer"
+
+
+def zoo_dir() -> Path:
+    """The folder holding one subfolder per built zoo model."""
+    return cache_root() / "zoo"
+
+
+def get_spec(name: str) -> ZooSpec:
+    """The registered spec called ``name`` (with or without the ``zoo:`` prefix)."""
+    name = name.removeprefix("zoo:")
+    if name not in REGISTRY:
+        raise UserError(
+            f"unknown zoo model {name!r}; choose one of {', '.join(REGISTRY)} (interlayer zoo list)"
+        )
+    return REGISTRY[name]
+
+
+def llama_config(spec: ZooSpec, bos_id: int = 0, eos_id: int = 1) -> LlamaConfig:
+    """The transformers config of the spec's model."""
+    return LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.d_model,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.context_len,
+        tie_word_embeddings=True,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+
+
+def parameter_count(spec: ZooSpec) -> int:
+    """Number of parameters of the spec's model (tied embeddings counted once), without building it."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(spec))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _documents(corpus: str, split: str, limit: int) -> Iterator[Document]:
+    """The first ``limit`` (0: all) documents of a stdlib corpus split."""
+    docs = iter_documents(corpus, split)
+    return itertools.islice(docs, limit) if limit else docs
+
+
+def train_tokenizer(spec: ZooSpec) -> PreTrainedTokenizerFast:
+    """The byte-level BPE tokenizer of the module doc, trained on the train splits of the stdlib corpus."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        min_frequency=2,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = (
+        doc.text
+        for corpus in ("stdlib:code", "stdlib:docs")
+        for doc in _documents(corpus, "train", spec.max_documents)
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0), (EOS, 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        model_max_length=spec.context_len,
+    )
+
+
+def _stack(tokenizer: Any, documents: list[Document], context_len: int) -> torch.Tensor:
+    """All packed contexts of ``documents``, int64 [N, context_len]."""
+    return torch.stack(list(pack_contexts(tokenizer, documents, context_len)))
+
+
+def _evenly(contexts_NT: torch.Tensor, limit: int) -> torch.Tensor:
+    """At most ``limit`` rows, evenly spaced (all of them when there are no more than ``limit``)."""
+    if len(contexts_NT) <= limit:
+        return contexts_NT
+    return contexts_NT[torch.linspace(0, len(contexts_NT) - 1, limit).round().long()]
+
+
+def ngram_baselines(train_NT: torch.Tensor, val_NT: torch.Tensor, vocab: int) -> dict[str, float]:
+    """Unigram and bigram perplexities on the targets x_t (t ≥ 1) of the validation contexts.
+
+    Counts come from the training contexts (targets t ≥ 1, pairs (x_{t−1}, x_t)), V = ``vocab``:
+
+    - unigram, add-one: p(w) = (c(w) + 1) / (N + V);
+    - bigram, interpolated Kneser–Ney with discount D = n₁ / (n₁ + 2 n₂) (n_r: bigram types seen r times):
+      p(w | v) = max(c(v, w) − D, 0) / c(v) + D · N₁₊(v •) / c(v) · p_cont(w), and p_cont(w) when c(v) = 0,
+      with p_cont(w) = (N₁₊(• w) + 1) / (Σ_u N₁₊(• u) + V) (add-one so that unseen words keep mass).
+
+    Perplexity is exp of the mean negative log-probability.
+    """
+    prev_train, next_train = train_NT[:, :-1].reshape(-1), train_NT[:, 1:].reshape(-1)
+    prev_val, next_val = val_NT[:, :-1].reshape(-1), val_NT[:, 1:].reshape(-1)
+    unigram_V = torch.bincount(next_train, minlength=vocab).double()
+    p_unigram = (unigram_V[next_val] + 1) / (unigram_V.sum() + vocab)
+    pair_VV = torch.bincount(prev_train * vocab + next_train, minlength=vocab * vocab).view(vocab, vocab)
+    n1, n2 = int((pair_VV == 1).sum()), int((pair_VV == 2).sum())
+    discount = n1 / (n1 + 2 * n2) if n1 + n2 else 0.5
+    seen_VV = pair_VV > 0
+    continuation_V = seen_VV.sum(0).double()
+    p_cont_V = (continuation_V + 1) / (continuation_V.sum() + vocab)
+    context_V = pair_VV.sum(1).double()
+    followers_V = seen_VV.sum(1).double()
+    c_v, c_vw = context_V[prev_val], pair_VV[prev_val, next_val].double()
+    safe_c_v = c_v.clamp(min=1)
+    p_bigram = torch.where(
+        c_v > 0,
+        (c_vw - discount).clamp(min=0) / safe_c_v
+        + discount * followers_V[prev_val] / safe_c_v * p_cont_V[next_val],
+        p_cont_V[next_val],
+    )
+    return {
+        "unigram_ppl": math.exp(-p_unigram.log().mean().item()),
+        "bigram_ppl": math.exp(-p_bigram.log().mean().item()),
+    }
+
+
+def _lr_at(spec: ZooSpec, step: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then a cosine down to ``lr / 10`` at ``steps``."""
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+    return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _next_token_loss(
+    model: LlamaForCausalLM, input_ids_BT: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of x_t given x_<t over positions t ≥ 1 (nats)."""
+    logits_BTV = model(input_ids=input_ids_BT).logits
+    return F.cross_entropy(
+        logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]),
+        input_ids_BT[:, 1:].reshape(-1),
+        reduction=reduction,
+    )
+
+
+@torch.no_grad()
+def validation_loss(model: LlamaForCausalLM, val_NT: torch.Tensor, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (nats) over the targets t ≥ 1 of every validation context."""
+    was_training = model.training
+    model.eval()
+    total = sum(
+        _next_token_loss(model, val_NT[i : i + batch_size], reduction="sum").item()
+        for i in range(0, len(val_NT), batch_size)
+    )
+    model.train(was_training)
+    return total / (len(val_NT) * (val_NT.shape[1] - 1))
+
+
+@dataclass
+class _Corpus:
+    """The packed training and validation contexts of a spec, and the fingerprint of where they came from."""
+
+    train_NT: torch.Tensor
+    val_NT: torch.Tensor
+    fingerprint: str
+
+
+def corpus_fingerprint_of(spec: ZooSpec) -> str:
+    """Fingerprint of everything a build reads: the tokenizer's corpora and the training corpus.
+
+    ``stdlib:*`` corpora use :func:`interlayer.data.corpus_fingerprint` (Python version, file names and
+    sizes); the arithmetic corpus hashes the text of the first 1000 training problems (the generator's code).
+    """
+    parts = [corpus_fingerprint("stdlib:code"), corpus_fingerprint("stdlib:docs")]
+    if spec.corpus == ARITH:
+        problems = arithmetic.generate_problems(1000, spec.seed, "train")
+        parts.append(hashlib.sha256("\n".join(p.text for p in problems).encode()).hexdigest()[:16])
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+
+
+def _corpus(spec: ZooSpec, tokenizer: Any) -> _Corpus:
+    """Pack the spec's corpus into training and validation contexts."""
+    if spec.corpus == ARITH:
+        train_docs = arithmetic.problem_documents(
+            arithmetic.generate_problems(spec.arith_train_problems, spec.seed, "train"), "train"
+        )
+        val_docs = arithmetic.problem_documents(
+            arithmetic.generate_problems(spec.arith_val_problems, spec.seed, "validation"), "validation"
+        )
+    else:
+        train_docs = list(_documents(spec.corpus, "train", spec.max_documents))
+        val_docs = list(_documents(spec.corpus, "validation", spec.max_documents))
+    return _Corpus(
+        train_NT=_stack(tokenizer, train_docs, spec.context_len),
+        val_NT=_evenly(_stack(tokenizer, val_docs, spec.context_len), spec.val_contexts),
+        fingerprint=corpus_fingerprint_of(spec),
+    )
+
+
+def _optimizer(spec: ZooSpec, model: LlamaForCausalLM) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only."""
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": spec.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95))
+
+
+def _batch_order(spec: ZooSpec, contexts: int) -> Iterator[torch.Tensor]:
+    """Indices of each step's contexts: consecutive slices of a seeded permutation, renewed per epoch."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    while True:
+        order = torch.randperm(contexts, generator=generator)
+        for lo in range(0, contexts - spec.batch_size + 1, spec.batch_size):
+            yield order[lo : lo + spec.batch_size]
+
+
+def _train(
+    spec: ZooSpec,
+    model: LlamaForCausalLM,
+    tokenizer: Any,
+    train_NT: torch.Tensor,
+    on_step: Callable[[int, str], None],
+) -> dict[str, Any]:
+    """The training loop; returns what it did (steps taken, tokens seen, probe accuracies)."""
+    if len(train_NT) < spec.batch_size:
+        raise UserError(
+            f"zoo:{spec.name}: {len(train_NT)} training contexts, fewer than batch_size {spec.batch_size}"
+        )
+    optimizer = _optimizer(spec, model)
+    probe = (
+        arithmetic.generate_problems(spec.probe_problems, spec.seed, "validation") if spec.probe_every else []
+    )
+    probes: list[dict[str, float]] = []
+    model.train()
+    step = 0
+    for step, index_B in zip(range(1, spec.steps + 1), _batch_order(spec, len(train_NT)), strict=False):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(spec, step - 1)
+        loss = _next_token_loss(model, train_NT[index_B])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        status = f"loss {loss.item():.3f}"
+        if probe and step % spec.probe_every == 0:
+            model.eval()
+            accuracy = arithmetic.evaluate_accuracy(model, tokenizer, probe).accuracy
+            model.train()
+            probes.append({"step": step, "accuracy": accuracy})
+            status += f" probe acc {accuracy:.2f}"
+            if accuracy >= spec.stop_accuracy:
+                on_step(step, status)
+                break
+        on_step(step, status)
+    model.eval()
+    return {"steps": step, "train_tokens": step * spec.batch_size * spec.context_len, "probes": probes}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hash_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file in ``folder`` except the manifest, by relative path."""
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def check_entry(folder: Path, spec: ZooSpec) -> str | None:
+    """Why the cache entry at ``folder`` cannot be used for ``spec``, or None when it is complete and intact."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (missing or partial build)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files: dict[str, str] = manifest["files"]
+        built_spec = manifest["spec"]
+        fingerprint = manifest["corpus_fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "manifest.json is unreadable"
+    if manifest.get("format_version") != FORMAT_VERSION or built_spec != asdict(spec):
+        return "it was built from a different spec"
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != digest:
+            return f"{name} is corrupt (sha256 differs from the manifest)"
+    if not {"config.json", "model.safetensors", "tokenizer.json"} <= files.keys():
+        return "the manifest lists no model, config or tokenizer"
+    if fingerprint != corpus_fingerprint_of(spec):
+        return "its corpus changed (a different Python or stdlib)"
+    return None
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a built entry."""
+    manifest: dict[str, Any] = read_json(folder / MANIFEST, "zoo manifest")
+    return manifest
+
+
+class _Quiet:
+    """A stand-in for a progress bar that shows nothing."""
+
+    def show(self, completed: float, status: str = "") -> None:
+        del completed, status
+
+
+def _remove_abandoned_builds(root: Path, name: str) -> None:
+    """Delete temporary folders of builds of ``name`` whose process (the pid in the folder name) is gone."""
+    for folder in root.glob(f".build-{name}-*"):
+        pid = folder.name.removeprefix(f".build-{name}-").split("-")[0]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(folder, ignore_errors=True)
+            except PermissionError:
+                continue
+
+
+def build(spec_or_name: ZooSpec | str, root: Path | None = None, progress: bool = True) -> Path:
+    """Build a zoo model into ``root / spec.name`` (``root`` defaults to :func:`zoo_dir`); return the folder.
+
+    The model is trained in ``root/.build-<name>-<pid>-*`` and renamed into place only after its manifest is
+    written; a previous entry under the final name is replaced only then.
+    """
+    spec = get_spec(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
+    root = zoo_dir() if root is None else Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(root, spec.name)
+    final = root / spec.name
+    work = Path(tempfile.mkdtemp(prefix=f".build-{spec.name}-{os.getpid()}-", dir=root))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    bar_context = (
+        progress_bar(f"building zoo:{spec.name}", spec.steps)
+        if progress
+        else contextlib.nullcontext(_Quiet())
+    )
+    try:
+        torch.use_deterministic_algorithms(True)
+        with bar_context as bar:
+            _build_into(work, spec, lambda step, status: bar.show(step, status))
+        _install(work, final)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def _build_into(folder: Path, spec: ZooSpec, show: Callable[[int, str], None]) -> None:
+    """Train, evaluate and save the spec's model into ``folder``, manifest last."""
+    started = time.perf_counter()
+    show(0, "training tokenizer")
+    tokenizer = train_tokenizer(spec)
+    show(0, "tokenizing")
+    corpus = _corpus(spec, tokenizer)
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(llama_config(spec, tokenizer.bos_token_id, tokenizer.eos_token_id))
+    trained = _train(spec, model, tokenizer, corpus.train_NT, show)
+    show(trained["steps"], "evaluating")
+    val_loss = validation_loss(model, corpus.val_NT)
+    metrics: dict[str, Any] = {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        **ngram_baselines(corpus.train_NT, corpus.val_NT, spec.vocab_size),
+    }
+    if spec.corpus == ARITH:
+        test = arithmetic.generate_problems(spec.test_problems, spec.seed, "test")
+        metrics["arith_test"] = asdict(arithmetic.evaluate_accuracy(model, tokenizer, test))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": spec.name,
+        "spec": asdict(spec),
+        "corpus": spec.corpus,
+        "corpus_fingerprint": corpus.fingerprint,
+        "python": sys.version,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "seed": spec.seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_contexts": len(corpus.train_NT),
+        "val_contexts": len(corpus.val_NT),
+        "val_tokens": corpus.val_NT[:, 1:].numel(),
+        **trained,
+        **metrics,
+        "build_seconds": time.perf_counter() - started,
+        "files": _hash_files(folder),
+    }
+    write_json(folder / MANIFEST, manifest)
+
+
+def _install(work: Path, final: Path) -> None:
+    """Rename the finished build ``work`` to ``final``, replacing what was there only after the rename."""
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(work, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, final)
+
+
+def ensure(name: str, root: Path | None = None, progress: bool = True) -> Path:
+    """The folder of zoo model ``name``, built now if it is missing, partial, corrupt or stale."""
+    spec = get_spec(name)
+    root = zoo_dir() if root is None else Path(root)
+    folder = root / spec.name
+    problem = check_entry(folder, spec) if folder.exists() else "not built yet"
+    if problem is None:
+        return folder
+    if progress:
+        stderr_console.print(
+            f"zoo:{spec.name}: {problem}; building it into {folder} "
+            f"(about {spec.reference_minutes:g} min on 2 CPU cores, once)"
+        )
+    return build(spec, root, progress=progress)
+
+
+def entries(root: Path | None = None) -> list[dict[str, Any]]:
+    """One row per registered model: name, corpus, parameters, whether it is built, and its figures."""
+    root = zoo_dir() if root is None else Path(root)
+    rows = []
+    for spec in REGISTRY.values():
+        folder = root / spec.name
+        built = folder.exists() and check_entry(folder, spec) is None
+        row: dict[str, Any] = {
+            "name": spec.name,
+            "corpus": spec.corpus,
+            "parameters": parameter_count(spec),
+            "built": built,
+            "description": spec.description,
+        }
+        if built:
+            manifest = read_manifest(folder)
+            row |= {k: manifest[k] for k in ("val_ppl", "unigram_ppl", "bigram_ppl", "build_seconds")}
+            if "arith_test" in manifest:
+                row["arith_accuracy"] = manifest["arith_test"]["correct"] / manifest["arith_test"]["total"]
+        rows.append(row)
+    return rows

@@ -1,0 +1,250 @@
+"""The zoo's real build path with a tiny spec: build, reload, determinism, corruption, `zoo:` names, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from interlayer import zoo
+from interlayer.arithmetic import evaluate_accuracy, generate_problems, greedy_completions
+from interlayer.cli import main
+from interlayer.errors import UserError
+from interlayer.models import load_model
+
+TINY = zoo.ZooSpec(
+    name="tiny",
+    corpus="stdlib:docs",
+    description="a tiny test model",
+    steps=20,
+    batch_size=4,
+    vocab_size=300,
+    d_model=32,
+    layers=1,
+    heads=2,
+    intermediate=64,
+    context_len=64,
+    warmup_steps=2,
+    max_documents=12,
+    val_contexts=8,
+)
+TINY_ARITH = replace(
+    TINY,
+    name="tiny-arith",
+    corpus="arith",
+    context_len=128,
+    arith_train_problems=300,
+    arith_val_problems=20,
+    probe_every=10,
+    probe_problems=10,
+    test_problems=20,
+)
+TEXT = "def add(a, b):\n    return a + b  # 12345\n"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny spec built once into a fresh zoo folder."""
+    return zoo.build(TINY, tmp_path_factory.mktemp("zoo"), progress=False)
+
+
+def logits(folder: Path | str) -> torch.Tensor:
+    lm = load_model(str(folder))
+    with torch.no_grad():
+        return lm.model(**lm.tokenizer(TEXT, return_tensors="pt")).logits
+
+
+def test_build_writes_a_hub_layout_and_a_complete_manifest(built: Path) -> None:
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(
+        manifest["files"]
+    )
+    for name, digest in manifest["files"].items():
+        assert zoo.sha256_file(built / name) == digest
+    assert manifest["spec"] == asdict(TINY) and manifest["seed"] == 0 and manifest["steps"] == 20
+    assert manifest["parameters"] == zoo.parameter_count(TINY)
+    assert manifest["val_ppl"] == pytest.approx(math.exp(manifest["val_loss"]))
+    assert manifest["val_contexts"] == 8 and manifest["val_tokens"] == 8 * 63
+    assert manifest["corpus_fingerprint"] == zoo.corpus_fingerprint_of(TINY)
+    assert manifest["unigram_ppl"] > manifest["bigram_ppl"] > 1
+    assert manifest["build_seconds"] > 0 and manifest["python"]
+    assert zoo.check_entry(built, TINY) is None
+    assert not list(built.parent.glob(".build-*"))  # the temporary folder is gone
+
+
+def test_reload_gives_identical_logits_and_a_llama_with_bpe(built: Path) -> None:
+    lm = load_model(str(built))
+    assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.is_causal_lm
+    assert lm.model.config.vocab_size == len(lm.tokenizer) == 300
+    ids = lm.tokenizer(TEXT)["input_ids"]
+    assert ids[0] == lm.tokenizer.bos_token_id  # BOS is prepended, Llama style
+    assert lm.tokenizer.decode(ids, skip_special_tokens=True) == TEXT  # byte-level: lossless
+    digits = lm.tokenizer("12345", add_special_tokens=False)["input_ids"]
+    assert len(digits) == 5  # one token per digit
+    assert torch.equal(logits(built), logits(built))
+
+
+def test_same_seed_builds_identical_files(built: Path, tmp_path: Path) -> None:
+    abandoned = tmp_path / ".build-tiny-999999999-x"  # a crashed build: its process is gone
+    abandoned.mkdir()
+    (abandoned / "model.safetensors").write_bytes(b"partial")
+    again = zoo.build(TINY, tmp_path, progress=False)
+    assert not abandoned.exists()
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert zoo.sha256_file(again / name) == zoo.sha256_file(built / name), name
+    other_seed = zoo.build(replace(TINY, seed=1), tmp_path / "other", progress=False)
+    assert zoo.sha256_file(other_seed / "model.safetensors") != zoo.sha256_file(built / "model.safetensors")
+
+
+def _corrupt_weights(folder: Path) -> None:
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-16:] = bytes(b ^ 0xFF for b in data[-16:])
+    (folder / "model.safetensors").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_corrupt_weights, "model.safetensors is corrupt"),
+        (lambda folder: (folder / "manifest.json").unlink(), "no manifest.json"),
+        (lambda folder: (folder / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+        (lambda folder: (folder / "manifest.json").write_text("{"), "unreadable"),
+    ],
+)
+def test_damaged_entry_is_detected_and_rebuilt(built: Path, tmp_path: Path, damage, reason: str) -> None:
+    root = tmp_path / "zoo"
+    shutil.copytree(built, root / "tiny")
+    damage(root / "tiny")
+    assert reason in (zoo.check_entry(root / "tiny", TINY) or "")
+    zoo.REGISTRY["tiny"] = TINY
+    try:
+        folder = zoo.ensure("tiny", root, progress=False)
+    finally:
+        del zoo.REGISTRY["tiny"]
+    assert zoo.check_entry(folder, TINY) is None
+    assert zoo.sha256_file(folder / "model.safetensors") == zoo.sha256_file(built / "model.safetensors")
+
+
+def test_stale_spec_is_rebuilt(built: Path) -> None:
+    assert "different spec" in (zoo.check_entry(built, replace(TINY, steps=21)) or "")
+
+
+@pytest.fixture
+def tiny_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Register the tiny spec and point the cache at a temporary folder; return the zoo folder."""
+    monkeypatch.setitem(zoo.REGISTRY, "tiny", TINY)
+    monkeypatch.setenv("INTERLAYER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "zoo"
+
+
+def test_zoo_name_builds_on_first_use_then_loads_from_cache(
+    tiny_registry: Path, built: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert zoo.zoo_dir() == tiny_registry
+    first = logits("zoo:tiny")
+    assert "building it into" in capsys.readouterr().err  # the user is told, with an estimate
+    assert zoo.check_entry(tiny_registry / "tiny", TINY) is None
+    assert torch.equal(first, logits(built))  # same spec, same machine: the same model
+
+    def no_rebuild(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("an intact entry was rebuilt")
+
+    monkeypatch.setattr(zoo, "build", no_rebuild)
+    assert torch.equal(logits("zoo:tiny"), first)
+
+
+def test_cache_folder_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("INTERLAYER_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert zoo.zoo_dir() == tmp_path / "interlayer" / "zoo"
+
+
+def test_unknown_zoo_model_fails_before_building(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zoo, "build", lambda *a, **k: pytest.fail("tried to build"))
+    with pytest.raises(UserError, match="unknown zoo model 'nope'.*code-lm"):
+        load_model("zoo:nope")
+
+
+def test_validation_is_split_by_file() -> None:
+    train = {d.name for d in zoo._documents("stdlib:code", "train", 40)}
+    validation = {d.name for d in zoo._documents("stdlib:code", "validation", 10)}
+    assert len(train) == 40 and len(validation) == 10 and not train & validation
+
+
+def test_ngram_baselines_match_the_formulas() -> None:
+    train_NT = torch.tensor([[0, 1, 2, 1, 2, 1], [0, 2, 2, 1, 1, 2]])
+    val_NT = torch.tensor([[0, 1, 2, 2, 0]])
+    vocab = 4
+    pairs = [(int(r[t - 1]), int(r[t])) for r in train_NT for t in range(1, len(r))]
+    targets = [b for _, b in pairs]
+    count = {(v, w): pairs.count((v, w)) for v in range(vocab) for w in range(vocab)}
+    n1 = sum(c == 1 for c in count.values())
+    n2 = sum(c == 2 for c in count.values())
+    d = n1 / (n1 + 2 * n2)
+    cont = [sum(count[v, w] > 0 for v in range(vocab)) for w in range(vocab)]
+    p_cont = [(c + 1) / (sum(cont) + vocab) for c in cont]
+
+    def bigram(v: int, w: int) -> float:
+        c_v = sum(count[v, u] for u in range(vocab))
+        if c_v == 0:
+            return p_cont[w]
+        followers = sum(count[v, u] > 0 for u in range(vocab))
+        return max(count[v, w] - d, 0) / c_v + d * followers / c_v * p_cont[w]
+
+    val_pairs = [(int(val_NT[0, t - 1]), int(val_NT[0, t])) for t in range(1, 5)]
+    uni = [(targets.count(w) + 1) / (len(targets) + vocab) for _, w in val_pairs]
+    expected_uni = math.exp(-sum(map(math.log, uni)) / 4)
+    expected_bi = math.exp(-sum(math.log(bigram(v, w)) for v, w in val_pairs) / 4)
+    got = zoo.ngram_baselines(train_NT, val_NT, vocab)
+    assert got["unigram_ppl"] == pytest.approx(expected_uni, rel=1e-12)
+    assert got["bigram_ppl"] == pytest.approx(expected_bi, rel=1e-12)
+    # Each bigram row is a distribution.
+    rows = [sum(bigram(v, w) for w in range(vocab)) for v in range(vocab)]
+    assert rows == pytest.approx([1.0] * vocab)
+
+
+def test_arith_build_probes_and_scores_held_out_problems(tmp_path: Path) -> None:
+    folder = zoo.build(TINY_ARITH, tmp_path, progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [p["step"] for p in manifest["probes"]] == [10, 20]
+    test = manifest["arith_test"]
+    assert test["total"] == 20 and 0 <= test["ci_low"] <= test["correct"] / 20 <= test["ci_high"] <= 1
+    lm = load_model(str(folder))
+    problems = generate_problems(6, seed=0, split="test")
+    batched = greedy_completions(lm.model, lm.tokenizer, [p.prompt for p in problems], max_new_tokens=12)
+    alone = [greedy_completions(lm.model, lm.tokenizer, [p.prompt], max_new_tokens=12)[0] for p in problems]
+    assert batched == alone  # grouping by prompt length never changes a greedy continuation
+    assert evaluate_accuracy(lm.model, lm.tokenizer, problems, max_new_tokens=12).total == 6
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    old_argv, sys.argv = sys.argv, ["interlayer", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = old_argv
+    return code, capsys.readouterr().out
+
+
+def test_cli_list_and_build(tiny_registry: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(["zoo", "list", "--json"], capsys)
+    rows = {row["name"]: row for row in json.loads(out.splitlines()[-1])["models"]}
+    assert code == 0 and {"code-lm", "prose-lm", "arith-lm", "tiny"} <= rows.keys()
+    assert rows["tiny"]["built"] is False and rows["tiny"]["parameters"] == zoo.parameter_count(TINY)
+    code, out = run_cli(["zoo", "build", "tiny", "--json"], capsys)
+    summary = json.loads(out.splitlines()[-1])
+    assert code == 0 and summary["path"] == str(tiny_registry / "tiny") and summary["steps"] == 20
+    code, out = run_cli(["zoo", "list", "--json"], capsys)
+    row = {r["name"]: r for r in json.loads(out.splitlines()[-1])["models"]}["tiny"]
+    assert row["built"] is True and row["val_ppl"] == pytest.approx(summary["val_ppl"])
+    code, _ = run_cli(["zoo", "build", "nope"], capsys)
+    assert code == 2
