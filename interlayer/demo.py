@@ -70,7 +70,7 @@ class DemoConfig:
     def preset(cls, quick: bool, out: Path) -> DemoConfig:
         if quick:
             return cls(out=out, tokens=49_152, latents=2048, k=16, batch_size=1024, eval_tokens=4_000)
-        return cls(out=out, tokens=262_144, latents=4096, k=32, batch_size=2048, eval_tokens=12_000)
+        return cls(out=out, tokens=196_608, latents=4096, k=32, batch_size=2048, eval_tokens=8_000)
 
 
 @dataclass
