@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-
 _WORKSPACE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
