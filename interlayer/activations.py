@@ -109,6 +109,11 @@ class ActivationCache:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.manifest = read_json(self.folder / MANIFEST, "activation cache manifest")
+        missing = {"sites", "width", "shards", "model"} - set(self.manifest)
+        if missing:
+            raise UserError(
+                f"{self.folder} is not an activation cache (its manifest lacks {', '.join(sorted(missing))})"
+            )
 
     @property
     def sites(self) -> list[str]:
@@ -121,6 +126,9 @@ class ActivationCache:
     def chunks(self, start: int = 0) -> Iterator[Chunk]:
         for shard in self.manifest["shards"][start:]:
             tensors = read_tensors(self.folder / shard["file"], "activation shard")
+            lacking = set(self.sites) - tensors.keys()
+            if lacking:
+                raise UserError(f"{self.folder / shard['file']} lacks site(s) {', '.join(sorted(lacking))}")
             chunk = Chunk(shard["index"], {name: tensors[name].float() for name in self.sites})
             for name, tensor in chunk.acts.items():
                 check_finite(tensor, name, f"chunk {chunk.index} of the cache {self.folder}")

@@ -198,7 +198,7 @@ def sae_eval(
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate SAEs: pooled EV, FVU, L0, dead/dense latents, and spliced CE/KL (or pooled cosine)."""
-    from interlayer.models import load_model
+    from interlayer.models import load_model, pick_device
     from interlayer.sae.evaluate import evaluate_saes
     from interlayer.sae.io import load_sae
 
@@ -207,8 +207,11 @@ def sae_eval(
         raise UserError(f"no SAE found at {sae} (expected cfg.json there or in its subfolders)")
     saes = {}
     for folder in folders:
-        loaded = load_sae(folder, device=device)
-        saes[loaded.cfg.site or folder.name] = loaded
+        loaded = load_sae(folder, device=pick_device(device))
+        site = loaded.cfg.site or folder.name
+        if site in saes:
+            raise UserError(f"two SAEs for site {site} under {sae}; pass one SAE folder with --sae")
+        saes[site] = loaded
     model = model or next(iter(saes.values())).cfg.model
     if not model:
         raise UserError("the SAE's cfg.json names no model; pass --model")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,8 @@ def sae_stage(ctx: DemoContext) -> list[Section]:
     ]
     columns += [c for c in rows[0] if c.startswith(("pooled_", "ce_", "delta_", "frac_", "kl_"))]
     intro = (
-        f"<p>One TopK SAE per layer of <code>{cfg.model}</code> (F = {cfg.latents}, k = {cfg.k}), trained on "
-        f"{cfg.tokens:,} tokens of <code>{cfg.data}</code> and evaluated on {cfg.eval_tokens:,} held-out tokens. "
+        f"<p>One TopK SAE per layer of <code>{escape(cfg.model)}</code> (F = {cfg.latents}, k = {cfg.k}), trained on "
+        f"{cfg.tokens:,} tokens of <code>{escape(cfg.data)}</code> and evaluated on {cfg.eval_tokens:,} held-out tokens. "
         "EV is pooled over the whole evaluation set; special tokens are excluded.</p>"
     )
     return [
@@ -158,7 +159,7 @@ def _cards(
                 lo, hi = max(0, position - 10), position + 5
                 ids = evaluation.input_ids_CT[context, lo:hi].tolist()
                 examples.append(ContextExample(display_tokens(lm.tokenizer, ids), position - lo, value))
-            mean_act = float(result.contexts.values_FN[feature].clamp_min(0).mean())
+            mean_act = float(result.reconstruction.mean_active_F[feature])
             cards.append(FeatureCard(site, feature, float(freq_F[feature]), mean_act, tuple(examples)))
     return cards
 

@@ -187,3 +187,43 @@ def test_kill_minus_nine_then_resume_equals_uninterrupted(tiny_models, corpus, t
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def test_unknown_device(tiny_models, capsys):
+    assert_user_error(
+        run_cli(["sites", "--model", str(tiny_models["llama"]), "--device", "gpu"], capsys), "unknown device"
+    )
+
+
+def test_folder_that_is_not_a_cache(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text('{"name": "something else"}')
+    args = [
+        "sae",
+        "train",
+        "--activations",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "r"),
+        "--latents",
+        "8",
+        "--k",
+        "2",
+    ]
+    assert_user_error(run_cli(args, capsys), "is not an activation cache")
+
+
+def test_two_saes_for_one_site(tiny_models, corpus, tmp_path, capsys):
+    from interlayer.sae import SAEConfig, TopKSAE, save_sae
+
+    for name in ("a", "b"):
+        sae = TopKSAE(SAEConfig(d_in=32, latents=16, k=2, site="layers.1", model=str(tiny_models["llama"])))
+        sae.initialise_(torch.Generator().manual_seed(0))
+        save_sae(sae, tmp_path / "runs" / name)
+    args = ["sae", "eval", "--sae", str(tmp_path / "runs"), "--data", str(corpus), "--tokens", "50"]
+    assert_user_error(run_cli(args, capsys), "two SAEs for site layers.1")
+
+
+def test_out_is_a_file(tiny_models, corpus, tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    line = assert_user_error(run_cli(train_args(tiny_models["llama"], corpus, tmp_path / "taken"), capsys))
+    assert "taken" in line

@@ -22,7 +22,7 @@ from interlayer.sae.metrics import (
     next_token_ce_sum,
     pooled_embedding,
 )
-from interlayer.sae.topk import SparseAutoencoder
+from interlayer.sae.topk import SparseAutoencoder, TopKSAE
 from interlayer.sites import Site, capture, resolve_sites, splice
 
 
@@ -162,10 +162,12 @@ def reconstruction_sweep(
     sae: SparseAutoencoder, x_ND: torch.Tensor, ks: list[int]
 ) -> list[tuple[float, float]]:
     """(L0, pooled EV) of a TopK SAE evaluated at each k in ``ks`` on the activations ``x_ND``."""
+    if not isinstance(sae, TopKSAE):
+        raise UserError(f"the k sweep needs a TopK SAE, got {sae.cfg.architecture}")
     points = []
     for k in ks:
         metrics = ReconstructionMetrics(sae.cfg.latents)
-        z = sae.encode(x_ND, k=k)  # type: ignore[call-arg]
+        z = sae.encode(x_ND, k=k)
         metrics.update(x_ND, sae.decode(z), z)
         result = metrics.result()
         points.append((result["l0"], result["explained_variance"]))

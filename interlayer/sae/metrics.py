@@ -38,6 +38,7 @@ class ReconstructionMetrics:
         self.sum_legacy = 0.0
         self.nonzeros = 0
         self.fires_F = torch.zeros(latents, dtype=torch.float64)
+        self.sum_z_F = torch.zeros(latents, dtype=torch.float64)
 
     def update(self, x_ND: torch.Tensor, x_hat_ND: torch.Tensor, z_NF: torch.Tensor) -> None:
         x, x_hat = x_ND.double(), x_hat_ND.double()
@@ -49,6 +50,7 @@ class ReconstructionMetrics:
         active_NF = z_NF != 0
         self.nonzeros += int(active_NF.sum())
         self.fires_F += active_NF.sum(0).double().cpu()
+        self.sum_z_F += z_NF.sum(0).double().cpu()
         self.n += x.shape[0]
 
     def result(self) -> dict[str, float]:
@@ -70,7 +72,13 @@ class ReconstructionMetrics:
 
     @property
     def frequencies_F(self) -> torch.Tensor:
+        """Fraction of tokens on which each latent fires."""
         return self.fires_F / max(self.n, 1)
+
+    @property
+    def mean_active_F(self) -> torch.Tensor:
+        """Mean activation of each latent over the tokens where it fires (0 for dead latents)."""
+        return self.sum_z_F / self.fires_F.clamp_min(1)
 
 
 def next_token_ce_sum(

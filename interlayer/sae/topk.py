@@ -5,8 +5,8 @@ TopK (Gao et al. 2024):
 with W_enc, W_dec of shape F×d (one row per latent).
 
 BatchTopK (Bussmann et al. 2024): in training, keep the k·B largest entries of ReLU(pre) over the whole
-batch of B tokens (so k is a per-token mean), and track θ, a running mean (momentum 0.99) of the smallest
-kept value per batch. At inference it is a JumpReLU with that threshold: z_f = pre_f · 1[pre_f > θ].
+batch of B tokens (so k is a per-token mean), and track θ, a running mean (momentum 0.99, starting from the
+first batch's value, so short runs are not biased towards 0) of the smallest kept value per batch. At inference it is a JumpReLU with that threshold: z_f = ReLU(pre_f) · 1[pre_f > θ].
 
 Decoder hygiene shared by both: decoder rows at unit norm (:meth:`SparseAutoencoder.project_decoder_grad_`
 removes the gradient component along each row before the step, :meth:`normalise_decoder_` rescales after
@@ -135,11 +135,11 @@ class BatchTopKSAE(SparseAutoencoder):
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
-        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold", torch.full((), -1.0))  # -1: not set yet
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         pre_BF = self.pre_activations(x_BD)
-        return pre_BF * (pre_BF > self.threshold)
+        return pre_BF.relu() * (pre_BF > self.threshold)
 
     def training_forward(self, x_BD: torch.Tensor, dead_F: torch.Tensor | None, k_aux: int) -> TrainingOutput:
         pre_BF = self.pre_activations(x_BD).relu()
@@ -149,8 +149,11 @@ class BatchTopKSAE(SparseAutoencoder):
         positive = values[values > 0]
         if positive.numel() > 0:
             with torch.no_grad():
-                m = self.threshold_momentum
-                self.threshold.mul_(m).add_((1 - m) * positive.min())
+                if self.threshold < 0:  # the first batch sets it, so short runs are not biased towards 0
+                    self.threshold.copy_(positive.min())
+                else:
+                    m = self.threshold_momentum
+                    self.threshold.mul_(m).add_((1 - m) * positive.min())
         aux_hat = None
         if dead_F is not None and k_aux > 0 and bool(dead_F.any()):
             dead_pre = pre_BF.masked_fill(~dead_F, 0.0)

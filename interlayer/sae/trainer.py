@@ -35,6 +35,7 @@ import torch
 from interlayer.activations import Chunk, shuffled_batches
 from interlayer.atomic import read_json, read_metadata, read_tensors, write_json, write_tensors
 from interlayer.errors import UserError
+from interlayer.models import pick_device
 from interlayer.sae.config import SAEConfig
 from interlayer.sae.io import folded_copy, save_sae
 from interlayer.sae.topk import SparseAutoencoder, build_sae
@@ -110,12 +111,14 @@ class SiteTrainer:
         self.k_aux = train_cfg.k_aux if train_cfg.k_aux is not None else sae_cfg.d_in // 2
 
     @classmethod
-    def start(cls, sae_cfg: SAEConfig, train_cfg: TrainConfig, first_chunk_ND: torch.Tensor) -> SiteTrainer:
+    def start(
+        cls, sae_cfg: SAEConfig, train_cfg: TrainConfig, first_chunk_ND: torch.Tensor, device: torch.device
+    ) -> SiteTrainer:
         """A fresh trainer whose input scale and b_dec come from the first chunk of data."""
         scale = 1.0
         if train_cfg.normalise:
             scale = math.sqrt(sae_cfg.d_in / float(first_chunk_ND.pow(2).sum(1).mean().clamp_min(1e-12)))
-        trainer = cls(sae_cfg, train_cfg, scale, first_chunk_ND.device)
+        trainer = cls(sae_cfg, train_cfg, scale, device)
         trainer.sae.initialise_(
             torch.Generator().manual_seed(train_cfg.seed), (first_chunk_ND * scale).mean(0)
         )
@@ -167,7 +170,8 @@ class SiteTrainer:
         for name, value in tensors.items():
             if name.startswith(prefix + "adam."):
                 index, key = name[len(prefix) + 5 :].split(".", 1)
-                self.optimizer.state[params[int(index)]][key] = value.clone()
+                param = params[int(index)]
+                self.optimizer.state[param][key] = value.to(param.device, copy=True)
 
 
 @dataclass
@@ -199,22 +203,18 @@ def train_saes(
     folder with the same settings resumes from the checkpoint; a finished run returns its summary at once.
     """
     out = Path(out)
-    settings = json.loads(
-        json.dumps(
-            {
-                **run_settings,
-                "train": asdict(train_cfg),
-                "saes": {s: c.to_json() for s, c in sae_cfgs.items()},
-            }
-        )
-    )
+    dev = pick_device(device)
+    # How often checkpoints are written does not change the result, so it may differ on resume.
+    recorded = asdict(replace(train_cfg, checkpoint_seconds=0))
+    saes = {s: c.to_json() for s, c in sae_cfgs.items()}
+    settings = json.loads(json.dumps({**run_settings, "train": recorded, "saes": saes}))
     if (out / RUN_FILE).exists():
-        previous = read_json(out / RUN_FILE, "run settings")
-        if previous != settings:
+        if read_json(out / RUN_FILE, "run settings") != settings:
             raise UserError(
                 f"{out} holds a run with other settings; rerun the same command or choose a new --out"
             )
         if (out / METRICS_FILE).exists():
+            (out / CHECKPOINT).unlink(missing_ok=True)
             return read_json(out / METRICS_FILE, "run metrics")
     else:
         write_json(out / RUN_FILE, settings)
@@ -223,14 +223,7 @@ def train_saes(
     trainers: dict[str, SiteTrainer] = {}
     summaries = {site: SiteSummary() for site in sae_cfgs}
     if (out / CHECKPOINT).exists():
-        tensors, meta = read_tensors(out / CHECKPOINT, "checkpoint"), read_metadata(out / CHECKPOINT)
-        state = json.loads(meta["state"])
-        for site, cfg in sae_cfgs.items():
-            trainers[site] = SiteTrainer(
-                cfg, train_cfg, json.loads(meta["scales"])[site], torch.device(device)
-            )
-            trainers[site].load_state_tensors(tensors, f"{site}/")
-            summaries[site] = SiteSummary(**json.loads(meta["summaries"])[site])
+        state, trainers, summaries = _resume(out / CHECKPOINT, sae_cfgs, train_cfg, dev)
 
     started = time.monotonic()
     last_checkpoint = time.monotonic()
@@ -240,12 +233,13 @@ def train_saes(
             raise UserError(f"the activation stream lacks site(s) {', '.join(sorted(missing))}")
         if not trainers:
             trainers = {
-                site: SiteTrainer.start(cfg, train_cfg, chunk.acts[site]) for site, cfg in sae_cfgs.items()
+                site: SiteTrainer.start(cfg, train_cfg, chunk.acts[site].to(dev), dev)
+                for site, cfg in sae_cfgs.items()
             }
         for batch in shuffled_batches(chunk, train_cfg.batch_size, train_cfg.seed):
             for site, trainer in trainers.items():
                 lr = train_cfg.lr_for(trainer.sae.cfg.latents) * train_cfg.lr_factor(state["step"])
-                summaries[site].update(trainer.step(batch[site], lr), first=state["step"] == 0)
+                summaries[site].update(trainer.step(batch[site].to(dev), lr), first=state["step"] == 0)
             state["step"] += 1
             if on_step is not None:
                 on_step(state["step"], summaries)
@@ -260,6 +254,8 @@ def train_saes(
     if not trainers:
         raise UserError("the activation stream is empty: the data produced no tokens")
     if state["step"] < train_cfg.steps:
+        if not (out / CHECKPOINT).exists():
+            (out / RUN_FILE).unlink()  # nothing to resume: let the same folder take a smaller run
         raise UserError(
             f"the data ran out after {state['step'] * train_cfg.batch_size} tokens of the {train_cfg.tokens} asked for; "
             "give more data or fewer --tokens"
@@ -275,6 +271,24 @@ def train_saes(
     write_json(out / METRICS_FILE, metrics)
     (out / CHECKPOINT).unlink(missing_ok=True)
     return metrics
+
+
+def _resume(
+    path: Path, sae_cfgs: dict[str, SAEConfig], train_cfg: TrainConfig, dev: torch.device
+) -> tuple[dict[str, int], dict[str, SiteTrainer], dict[str, SiteSummary]]:
+    """Rebuild the run state, trainers and summaries from a checkpoint; a damaged one is a UserError."""
+    tensors, meta = read_tensors(path, "checkpoint"), read_metadata(path)
+    try:
+        state = json.loads(meta["state"])
+        scales, summaries = json.loads(meta["scales"]), json.loads(meta["summaries"])
+        trainers = {site: SiteTrainer(cfg, train_cfg, scales[site], dev) for site, cfg in sae_cfgs.items()}
+        for site, trainer in trainers.items():
+            trainer.load_state_tensors(tensors, f"{site}/")
+        return state, trainers, {site: SiteSummary(**summaries[site]) for site in sae_cfgs}
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise UserError(
+            f"{path} is damaged ({type(exc).__name__}: {exc}); delete it to restart the run"
+        ) from None
 
 
 def _write_checkpoint(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from interlayer.activations import ActivationCache, Chunk, ChunkPlan, model_chunks
+from interlayer.data import corpus_fingerprint
 from interlayer.errors import UserError
 from interlayer.models import LoadedModel, load_model
 from interlayer.sae.config import SAEConfig
@@ -39,14 +40,21 @@ def model_source(
         return model_chunks(lm, site_objs, data, plan, start=start)
 
     names = [s.name for s in site_objs]
-    settings = {"model": lm.name, "data": data, "sites": names, "plan": asdict(plan), "dtype": dtype}
+    settings = {
+        "model": lm.name,
+        "data": data,
+        "data_fingerprint": corpus_fingerprint(data),
+        "sites": names,
+        "plan": asdict(plan),
+        "dtype": dtype,
+    }
     return ActivationSource(names, lm.name, site_objs[0].width, chunks, settings)
 
 
 def cache_source(folder: str | Path, sites: str | None) -> ActivationSource:
     """Chunks read back from an activation cache."""
     cache = ActivationCache(folder)
-    names = match_site_names(cache.sites, sites or "**")
+    names = match_site_names(cache.sites, "**" if sites is None else sites)
     settings = {"activations": str(Path(folder).resolve()), "sites": names}
     return ActivationSource(names, str(cache.manifest["model"]), cache.width, cache.chunks, settings)
 
@@ -84,5 +92,9 @@ def activation_source(
     if model is None:
         raise UserError("pass --model (with --data) or --activations to say where activations come from")
     return model_source(
-        load_model(model, device=device, dtype=dtype), sites or DEFAULT_SITES, data, plan, dtype
+        load_model(model, device=device, dtype=dtype),
+        DEFAULT_SITES if sites is None else sites,
+        data,
+        plan,
+        dtype,
     )

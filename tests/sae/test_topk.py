@@ -150,7 +150,7 @@ def test_batchtopk_training_keeps_k_times_batch() -> None:
     B = 24
     x = torch.randn(B, D, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     assert isinstance(sae, BatchTopKSAE)
-    assert float(sae.threshold) == 0.0
+    assert float(sae.threshold) == -1.0, "unset until the first batch"
     out = sae.training_forward(x, None, 0)
     pre = sae.pre_activations(x).detach().relu()
     assert int((pre > 0).sum()) > K * B
@@ -164,10 +164,14 @@ def test_batchtopk_training_keeps_k_times_batch() -> None:
     assert out.fired_F.tolist() == (z_ref > 0).any(0).tolist()
     # per-token counts vary (that is the point of BatchTopK) while the batch total is exact
     assert len(set((z_ref > 0).sum(1).tolist())) > 1
-    # θ ← 0.99 θ + 0.01 · (smallest kept value)
-    assert float(sae.threshold) == pytest.approx(0.01 * float(kth), rel=1e-12)
-    sae.training_forward(x, None, 0)
-    assert float(sae.threshold) == pytest.approx(0.99 * 0.01 * float(kth) + 0.01 * float(kth), rel=1e-12)
+    # the first batch sets θ to its smallest kept value; later ones move it: θ ← 0.99 θ + 0.01 · (smallest kept)
+    assert float(sae.threshold) == pytest.approx(float(kth), rel=1e-12)
+    x2 = 2 * torch.randn(B, D, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    pre2 = sae.pre_activations(x2).detach().relu()
+    kth2 = float(pre2.flatten().sort(descending=True).values[K * B - 1])
+    assert kth2 != pytest.approx(float(kth))
+    sae.training_forward(x2, None, 0)
+    assert float(sae.threshold) == pytest.approx(0.99 * float(kth) + 0.01 * kth2, rel=1e-12)
 
 
 def test_batchtopk_inference_uses_threshold() -> None:

@@ -1,0 +1,53 @@
+"""Resume edge cases of the trainer: a damaged checkpoint and a data shortfall are user errors, not tracebacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from interlayer.activations import Chunk
+from interlayer.errors import UserError
+from interlayer.sae import SAEConfig, TrainConfig
+from interlayer.sae.trainer import CHECKPOINT, RUN_FILE, train_saes
+
+
+def chunks_of(data_ND: torch.Tensor, rows: int, stop_after: int | None = None):
+    def chunks(start: int):
+        for index in range(start, data_ND.shape[0] // rows):
+            if stop_after is not None and index > stop_after:
+                raise KeyboardInterrupt
+            yield Chunk(index, {"s": data_ND[index * rows : (index + 1) * rows]})
+
+    return chunks
+
+
+DATA = torch.randn(4096, 16, generator=torch.Generator().manual_seed(0))
+CFGS = {"s": SAEConfig(d_in=16, latents=32, k=4)}
+TRAIN = TrainConfig(tokens=3072, batch_size=256, checkpoint_seconds=0)
+
+
+def test_damaged_checkpoint_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        train_saes(tmp_path, chunks_of(DATA, 512, stop_after=1), CFGS, TRAIN, {})
+    assert (tmp_path / CHECKPOINT).exists()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / CHECKPOINT))  # valid safetensors, wrong content
+    with pytest.raises(UserError, match="damaged"):
+        train_saes(tmp_path, chunks_of(DATA, 512), CFGS, TRAIN, {})
+
+
+def test_checkpoint_frequency_may_change_on_resume(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        train_saes(tmp_path, chunks_of(DATA, 512, stop_after=1), CFGS, TRAIN, {})
+    metrics = train_saes(tmp_path, chunks_of(DATA, 512), CFGS, TrainConfig(tokens=3072, batch_size=256), {})
+    assert metrics["steps"] == 12
+
+
+def test_data_shortfall_lets_the_same_folder_take_a_smaller_run(tmp_path: Path) -> None:
+    big = TrainConfig(tokens=8192, batch_size=256, checkpoint_seconds=1e9)
+    with pytest.raises(UserError, match="ran out after 4096 tokens"):
+        train_saes(tmp_path, chunks_of(DATA, 512), CFGS, big, {})
+    assert not (tmp_path / RUN_FILE).exists()
+    assert train_saes(tmp_path, chunks_of(DATA, 512), CFGS, TRAIN, {})["tokens"] == 3072
