@@ -42,7 +42,13 @@ def cached(lm, split: str, tokens: int, folder: Path) -> torch.Tensor:
 
 
 def train_ours(
-    train_ND: torch.Tensor, heldout_ND: torch.Tensor, latents: int, k: int, batch_size: int, seed: int
+    train_ND: torch.Tensor,
+    heldout_ND: torch.Tensor,
+    latents: int,
+    k: int,
+    batch_size: int,
+    seed: int,
+    lr: float | None,
 ) -> PeerResult:
     chunk_tokens = 16 * batch_size
 
@@ -53,7 +59,7 @@ def train_ours(
                 yield Chunk(index, {SITE: rows})
 
     tokens = (train_ND.shape[0] // batch_size) * batch_size
-    cfg = TrainConfig(tokens=tokens, batch_size=batch_size, seed=seed, checkpoint_seconds=1e9)
+    cfg = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, checkpoint_seconds=1e9)
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         train_saes(out, chunks, {SITE: SAEConfig(d_in=train_ND.shape[1], latents=latents, k=k)}, cfg, {})
@@ -71,6 +77,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lr", type=float, default=None, help="interlayer's peak lr (default: the library's)"
+    )
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sae_train.json"))
     args = parser.parse_args()
@@ -81,7 +90,7 @@ def main() -> None:
     shape = (args.latents, args.k, args.batch_size, args.seed)
     bound = dense_matmul_tokens_per_s(train_ND.shape[1], args.latents, args.batch_size)
     results = [
-        train_ours(train_ND, heldout_ND, *shape),
+        train_ours(train_ND, heldout_ND, *shape, args.lr),
         train_sparsify(train_ND, heldout_ND, args.latents, args.k, args.batch_size, None, args.seed),
         train_sae_lens(train_ND, heldout_ND, args.latents, args.k, args.batch_size, None, args.seed),
     ]

@@ -131,7 +131,7 @@ def sae_train(
     architecture: Annotated[str, typer.Option("--architecture", help="topk or batchtopk.")] = "topk",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Tokens per optimiser step.")] = 4096,
     lr: Annotated[
-        float | None, typer.Option("--lr", help="Peak Adam lr; default 8e-3·(F/2^14)^(-1/4).")
+        float | None, typer.Option("--lr", help="Peak Adam lr; default 4e-3·(F/2^14)^(-1/4).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     dead_tokens: Annotated[

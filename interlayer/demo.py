@@ -63,6 +63,8 @@ class DemoConfig:
     data: str = "stdlib:docs"
     sites: str = "layers.*"
     context_len: int = 128
+    lr: float = 3e-3
+    """Peak learning rate: lower than the library default so these short runs keep few dead latents."""
     cards_per_site: int = 4
     """Feature cards sampled per layer (among latents that fired)."""
     seed: int = 0
@@ -88,7 +90,7 @@ def sae_stage(ctx: DemoContext) -> list[Section]:
     plan = ChunkPlan(cfg.context_len, batch_size=32, batches_per_chunk=4)
     source = model_source(lm, cfg.sites, cfg.data, plan)
     train_cfg = TrainConfig(
-        tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed, checkpoint_seconds=60
+        tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, checkpoint_seconds=60
     )
     template = SAEConfig(d_in=source.width, latents=cfg.latents, k=cfg.k)
     run_dir = cfg.out / "saes"

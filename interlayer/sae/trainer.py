@@ -5,12 +5,12 @@ Per step, for a batch x (scaled by c when normalising, so that E‖c·x‖² = d
 with e = x − x̂ (detached), ê the AuxK reconstruction from the top k_aux (= d/2) pre-activations among
 latents that have not fired for ``dead_tokens`` tokens, x̄ the batch mean and α = 1/32.
 
-Adam with peak lr = 8e-3 · (F / 2^14)^(-1/4) unless given, constant, then linearly to 0 over the last 20% of
+Adam with peak lr = 4e-3 · (F / 2^14)^(-1/4) unless given, constant, then linearly to 0 over the last 20% of
 the steps. This is measured, not the OpenAI rule 2e-4 / sqrt(F / 2^14), which trains far too slowly on
-normalised inputs (E‖x‖² = d) in runs of hundreds of steps. Held-out FVU on MiniLM layer-3 activations
-(BENCHMARKS.md): F = 4,096, 160 steps of 1,024 tokens: 0.43 at lr 2e-4, 0.24 at 1e-3, 0.18 at 8e-3, 0.19 at
-1.2e-2, 0.21 at 1.6e-2; F = 16,384, 40 steps of 4,096: 0.28 at 4e-3, 0.24 at 6e-3, 0.22 at 8e-3. The
-quarter-power width scaling fits both optima better than the square root.
+normalised inputs (E‖x‖² = d) in runs of hundreds of steps, and it trades a little FVU for a healthy
+dictionary: on MiniLM layer-3 activations, F = 16,384, 40 steps of 4,096 tokens, lr 8e-3 reached held-out
+FVU 0.224 but left 6,147 latents dead, lr 5e-3 0.258 with 282 dead; F = 4,096, 160 steps of 1,024: 2e-4 →
+0.43, 3e-3 → 0.190 (93 dead), 5e-3 → 0.177 (792 dead), 1.1e-2 → 0.189 (2,807 dead). See BENCHMARKS.md.
 The decoder gradient is projected orthogonal to each unit row before the step, and rows are renormalised
 after it. b_dec starts at the mean of the first chunk.
 
@@ -54,7 +54,7 @@ class TrainConfig:
     batch_size: int = 4096
     """Tokens per optimiser step."""
     lr: float | None = None
-    """Peak Adam learning rate; None means 8e-3 · (latents / 2^14)^(-1/4) (see the module docstring)."""
+    """Peak Adam learning rate; None means 4e-3 · (latents / 2^14)^(-1/4) (see the module docstring)."""
     lr_decay_fraction: float = 0.2
     """The learning rate decays linearly to 0 over this final fraction of the steps."""
     seed: int = 0
@@ -81,7 +81,7 @@ class TrainConfig:
             raise UserError(f"lr must be positive, got {self.lr}")
 
     def lr_for(self, latents: int) -> float:
-        return self.lr if self.lr is not None else 8e-3 * (latents / 2**14) ** -0.25
+        return self.lr if self.lr is not None else 4e-3 * (latents / 2**14) ** -0.25
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the peak lr at ``step`` (0-based): 1, then linear to 0 over the last fraction."""
