@@ -133,6 +133,8 @@ def test_damaged_entry_is_detected_and_rebuilt(built: Path, tmp_path: Path, dama
 
 def test_stale_spec_is_rebuilt(built: Path) -> None:
     assert "different spec" in (zoo.check_entry(built, replace(TINY, steps=21)) or "")
+    # The description and the time estimate do not change what is built.
+    assert zoo.check_entry(built, replace(TINY, description="other", reference_minutes=3.0)) is None
 
 
 @pytest.fixture
