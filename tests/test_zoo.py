@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
+from test_cli import run_cli  # the shared in-process CLI runner
 
 from interlayer import zoo
 from interlayer.arithmetic import evaluate_accuracy, generate_problems, greedy_completions
-from interlayer.cli import main
 from interlayer.errors import UserError
 from interlayer.models import load_model
 
@@ -225,28 +224,16 @@ def test_arith_build_probes_and_scores_held_out_problems(tmp_path: Path) -> None
     assert evaluate_accuracy(lm.model, lm.tokenizer, problems, max_new_tokens=12).total == 6
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    old_argv, sys.argv = sys.argv, ["interlayer", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        sys.argv = old_argv
-    return code, capsys.readouterr().out
-
-
 def test_cli_list_and_build(tiny_registry: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run_cli(["zoo", "list", "--json"], capsys)
+    code, out, _ = run_cli(["zoo", "list", "--json"], capsys)
     rows = {row["name"]: row for row in json.loads(out.splitlines()[-1])["models"]}
     assert code == 0 and {"code-lm", "prose-lm", "arith-lm", "tiny"} <= rows.keys()
     assert rows["tiny"]["built"] is False and rows["tiny"]["parameters"] == zoo.parameter_count(TINY)
-    code, out = run_cli(["zoo", "build", "tiny", "--json"], capsys)
+    code, out, _ = run_cli(["zoo", "build", "tiny", "--json"], capsys)
     summary = json.loads(out.splitlines()[-1])
     assert code == 0 and summary["path"] == str(tiny_registry / "tiny") and summary["steps"] == 20
-    code, out = run_cli(["zoo", "list", "--json"], capsys)
+    code, out, _ = run_cli(["zoo", "list", "--json"], capsys)
     row = {r["name"]: r for r in json.loads(out.splitlines()[-1])["models"]}["tiny"]
     assert row["built"] is True and row["val_ppl"] == pytest.approx(summary["val_ppl"])
-    code, _ = run_cli(["zoo", "build", "nope"], capsys)
+    code, _, _ = run_cli(["zoo", "build", "nope"], capsys)
     assert code == 2
