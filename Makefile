@@ -27,3 +27,4 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) benchmarks/sae_train.py
 	$(PY) benchmarks/capture_overhead.py
+	$(PY) benchmarks/zoo.py

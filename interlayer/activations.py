@@ -23,6 +23,7 @@ import torch
 
 from interlayer.atomic import read_json, read_tensors, write_json, write_tensors
 from interlayer.data import iter_documents, token_batches
+from interlayer.distributed import SINGLE, ProcessGroup
 from interlayer.errors import UserError
 from interlayer.models import LoadedModel
 from interlayer.sites import Site, resolve_sites, run_to_sites
@@ -68,9 +69,19 @@ def check_finite(acts_ND: torch.Tensor, site: str, where: str) -> None:
 
 
 def model_chunks(
-    lm: LoadedModel, sites: Sequence[Site], data: str, plan: ChunkPlan, split: str = "train", start: int = 0
+    lm: LoadedModel,
+    sites: Sequence[Site],
+    data: str,
+    plan: ChunkPlan,
+    split: str = "train",
+    start: int = 0,
+    deal: ProcessGroup = SINGLE,
 ) -> Iterator[Chunk]:
-    """Chunks ``start, start+1, …`` of activations of ``lm`` on ``data`` (ends when the data does)."""
+    """Chunks ``start, start+1, …`` of activations of ``lm`` on ``data`` (ends when the data does).
+
+    With ``deal`` a group of W ranks, rank r runs only the model batches r, r+W, … of each chunk and the
+    chunk is reassembled in batch order on every rank (every rank gets the single-process chunk).
+    """
     docs = iter_documents(data, split=split)
     batches = token_batches(lm.tokenizer, docs, plan.context_len, plan.batch_size, drop_last=True)
     batches = itertools.islice(batches, start * plan.batches_per_chunk, None)
@@ -79,7 +90,7 @@ def model_chunks(
         if not group:
             return
         parts: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
-        for batch in group:
+        for batch in group[deal.rank :: deal.world]:
             inputs = {
                 "input_ids": batch.input_ids_BT.to(lm.device),
                 "attention_mask": batch.attention_mask_BT.to(lm.device),
@@ -88,19 +99,42 @@ def model_chunks(
             keep = batch.keep_BT.to(lm.device)
             for name, tensor in acts.items():
                 parts[name].append(tensor[keep].float())
-        chunk = Chunk(index, {name: torch.cat(tensors) for name, tensors in parts.items()})
+        acts_by_site = {
+            site.name: _reassemble(parts[site.name], len(group), site.width, lm.device, deal)
+            for site in sites
+        }
+        chunk = Chunk(index, acts_by_site)
         for name, tensor in chunk.acts.items():
             check_finite(tensor, name, f"chunk {index} of {data}")
         yield chunk
 
 
-def shuffled_batches(chunk: Chunk, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Full batches of a chunk in a random order fixed by (seed, chunk index); the ragged tail is dropped."""
+def _reassemble(
+    mine: list[torch.Tensor], batches: int, width: int, device: torch.device, deal: ProcessGroup
+) -> torch.Tensor:
+    """The rows of all ``batches`` in batch order, when batch i was computed by rank i mod W (``mine``: this
+    rank's batches, in order)."""
+    if deal.world == 1:
+        return torch.cat(mine)
+    local = torch.cat(mine) if mine else torch.zeros(0, width, device=device)
+    counts = deal.all_gather_rows(torch.tensor([len(t) for t in mine], dtype=torch.long, device=device))
+    per_rank = [
+        rows.split(count.tolist()) for rows, count in zip(deal.all_gather_rows(local), counts, strict=True)
+    ]
+    return torch.cat([per_rank[i % deal.world][i // deal.world] for i in range(batches)])
+
+
+def shuffled_batches(
+    chunk: Chunk, batch_size: int, seed: int, sites: Sequence[str] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Full batches of a chunk (of ``sites``, default all) in a random order fixed by (seed, chunk index);
+    the ragged tail is dropped."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk.index)
     order = torch.randperm(chunk.tokens, generator=generator)
+    names = list(chunk.acts) if sites is None else sites
     for start in range(0, chunk.tokens - batch_size + 1, batch_size):
         rows = order[start : start + batch_size]
-        yield {name: tensor[rows.to(tensor.device)] for name, tensor in chunk.acts.items()}
+        yield {name: chunk.acts[name][rows.to(chunk.acts[name].device)] for name in names}
 
 
 class ActivationCache:
@@ -123,13 +157,15 @@ class ActivationCache:
     def width(self) -> int:
         return int(self.manifest["width"])
 
-    def chunks(self, start: int = 0) -> Iterator[Chunk]:
+    def chunks(self, start: int = 0, sites: Sequence[str] | None = None) -> Iterator[Chunk]:
+        """Chunks ``start, start+1, …`` of the cache, holding ``sites`` (default: all cached sites)."""
+        names = self.sites if sites is None else list(sites)
         for shard in self.manifest["shards"][start:]:
             tensors = read_tensors(self.folder / shard["file"], "activation shard")
-            lacking = set(self.sites) - tensors.keys()
+            lacking = set(names) - tensors.keys()
             if lacking:
                 raise UserError(f"{self.folder / shard['file']} lacks site(s) {', '.join(sorted(lacking))}")
-            chunk = Chunk(shard["index"], {name: tensors[name].float() for name in self.sites})
+            chunk = Chunk(shard["index"], {name: tensors[name].float() for name in names})
             for name, tensor in chunk.acts.items():
                 check_finite(tensor, name, f"chunk {chunk.index} of the cache {self.folder}")
             yield chunk

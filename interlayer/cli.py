@@ -8,6 +8,7 @@ machine-readable summary as the last line of stdout.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -148,13 +149,25 @@ def sae_train(
     chunk_batches: ChunkOpt = 8,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    distribute: Annotated[
+        str,
+        typer.Option(
+            "--distribute",
+            help="Under torchrun: 'sites' (each process trains a block of sites) or 'data' "
+            "(each trains every SAE on its share of each batch).",
+        ),
+    ] = "sites",
     as_json: JsonOpt = False,
 ) -> None:
     """Train one SAE per site from one model forward (or from an activation cache)."""
     from interlayer.activations import ChunkPlan
+    from interlayer.distributed import process_group, rank_device
     from interlayer.sae.config import SAEConfig
     from interlayer.sae.trainer import TrainConfig
     from interlayer.sae.training_run import activation_source, train_from_source
+
+    group = process_group(device)  # several processes under torchrun: each trains a block of sites
+    device = rank_device(device)
 
     train_cfg = TrainConfig(
         tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, dead_tokens=dead_tokens,
@@ -165,7 +178,7 @@ def sae_train(
     source = activation_source(
         model=model, sites=sites, data=data, activations=activations, plan=plan, device=device, dtype=dtype
     )
-    with progress_bar(f"training {len(source.sites)} SAE(s)", train_cfg.steps) as bar:
+    with progress_bar(f"training {len(source.sites)} SAE(s)", train_cfg.steps, visible=group.is_main) as bar:
         metrics = train_from_source(
             out,
             source,
@@ -173,7 +186,11 @@ def sae_train(
             train_cfg,
             device=device,
             on_step=lambda step, s: bar.show(step, _status(s)),
+            group=group,
+            distribute=distribute,
         )
+    if not group.is_main:
+        return
     if not as_json:
         rows = [{"site": site, **values} for site, values in metrics["sites"].items()]  # type: ignore[attr-defined]
         stderr_console.print(_table(f"trained SAEs in {out}", rows))
@@ -247,9 +264,9 @@ def zoo_build(
     as_json: JsonOpt = False,
 ) -> None:
     """Build a zoo model into the cache (a no-op when an intact copy is there, unless --force)."""
-    from interlayer.zoo import build, ensure, read_manifest
+    from interlayer.zoo import build, read_manifest
 
-    folder = build(name) if force else ensure(name)
+    folder = build(name, force=force)
     manifest = read_manifest(folder)
     summary = {"name": manifest["name"], "path": str(folder)} | {
         k: v for k, v in manifest.items() if k not in ("files", "spec", "name")
@@ -301,5 +318,6 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank hits it: say it once
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

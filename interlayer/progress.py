@@ -33,9 +33,10 @@ class Bar:
 
 
 @contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Bar]:
+def progress_bar(description: str, total: int, visible: bool = True) -> Iterator[Bar]:
     """A bar on stderr counting up to ``total`` (tokens, steps, …) while the block runs; it clears itself on
-    exit so that a final table or error line stands alone."""
+    exit so that a final table or error line stands alone. ``visible=False`` draws nothing (quiet callers,
+    ranks other than 0)."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -44,5 +45,5 @@ def progress_bar(description: str, total: int) -> Iterator[Bar]:
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
     )
-    with Progress(*columns, console=stderr_console, transient=True) as progress:
+    with Progress(*columns, console=stderr_console, transient=True, disable=not visible) as progress:
         yield Bar(progress, progress.add_task(description, total=total, status=""))

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
+from filelock import FileLock, Timeout
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -153,15 +154,15 @@ REGISTRY: dict[str, ZooSpec] = {
             description="Llama LM on the stdlib's Python source",
             steps=500,
             batch_size=16,
-            reference_minutes=7.0,
+            reference_minutes=6.5,
         ),
         ZooSpec(
             name="prose-lm",
             corpus="stdlib:docs",
             description="Llama LM on the stdlib's docstrings (English prose)",
-            steps=300,
+            steps=800,
             batch_size=16,
-            reference_minutes=4.0,
+            reference_minutes=10.5,
         ),
         ZooSpec(
             name="arith-lm",
@@ -175,7 +176,7 @@ REGISTRY: dict[str, ZooSpec] = {
             arith_val_problems=1000,
             probe_every=100,
             stop_accuracy=0.35,
-            reference_minutes=8.0,
+            reference_minutes=6.0,
         ),
     )
 }
@@ -507,13 +508,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-class _Quiet:
-    """A stand-in for a progress bar that shows nothing."""
-
-    def show(self, completed: float, status: str = "") -> None:
-        del completed, status
-
-
 def _remove_abandoned_builds(root: Path, name: str) -> None:
     """Delete temporary folders of builds of ``name`` whose process (the pid in the folder name) is gone."""
     for folder in root.glob(f".build-{name}-*"):
@@ -527,32 +521,61 @@ def _remove_abandoned_builds(root: Path, name: str) -> None:
                 continue
 
 
-def build(spec_or_name: ZooSpec | str, root: Path | None = None, progress: bool = True) -> Path:
+@contextlib.contextmanager
+def _build_lock(root: Path, name: str, progress: bool) -> Iterator[None]:
+    """Hold ``root/.<name>.lock`` (an OS file lock, so it is released when the process dies), telling the
+    user when another process holds it.
+
+    ``filelock`` (already installed with torch and huggingface_hub) is used rather than ``fcntl`` so that
+    the lock also works on Windows.
+    """
+    lock = FileLock(root / f".{name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            stderr_console.print(f"zoo:{name}: another process is building it; waiting for it to finish")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def build(
+    spec_or_name: ZooSpec | str, root: Path | None = None, progress: bool = True, force: bool = True
+) -> Path:
     """Build a zoo model into ``root / spec.name`` (``root`` defaults to :func:`zoo_dir`); return the folder.
 
-    The model is trained in ``root/.build-<name>-<pid>-*`` and renamed into place only after its manifest is
-    written; a previous entry under the final name is replaced only then.
+    One process at a time builds a given model (a file lock in ``root``); with ``force=False`` an entry that
+    is intact once the lock is held (another process may just have built it) is returned as it is. The model
+    is trained in ``root/.build-<name>-<pid>-*`` and renamed into place only after its manifest is written; a
+    previous entry under the final name is replaced only then.
     """
     spec = get_spec(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
     root = zoo_dir() if root is None else Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_builds(root, spec.name)
     final = root / spec.name
-    work = Path(tempfile.mkdtemp(prefix=f".build-{spec.name}-{os.getpid()}-", dir=root))
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    bar_context = (
-        progress_bar(f"building zoo:{spec.name}", spec.steps)
-        if progress
-        else contextlib.nullcontext(_Quiet())
-    )
-    try:
-        torch.use_deterministic_algorithms(True)
-        with bar_context as bar:
-            _build_into(work, spec, lambda step, status: bar.show(step, status))
-        _install(work, final)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        shutil.rmtree(work, ignore_errors=True)
+    with _build_lock(root, spec.name, progress):
+        problem = check_entry(final, spec) if final.exists() else "not built yet"
+        if problem is None and not force:
+            return final
+        if progress:
+            stderr_console.print(
+                f"zoo:{spec.name}: {problem or 'rebuild asked for'}; building it into {final} "
+                f"(about {spec.reference_minutes:g} min on 2 CPU cores, once)"
+            )
+        _remove_abandoned_builds(root, spec.name)
+        work = Path(tempfile.mkdtemp(prefix=f".build-{spec.name}-{os.getpid()}-", dir=root))
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        try:
+            torch.use_deterministic_algorithms(True)
+            with progress_bar(f"building zoo:{spec.name}", spec.steps, visible=progress) as bar:
+                _build_into(work, spec, lambda step, status: bar.show(step, status))
+            _install(work, final)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+            shutil.rmtree(work, ignore_errors=True)
     return final
 
 
@@ -617,15 +640,9 @@ def ensure(name: str, root: Path | None = None, progress: bool = True) -> Path:
     spec = get_spec(name)
     root = zoo_dir() if root is None else Path(root)
     folder = root / spec.name
-    problem = check_entry(folder, spec) if folder.exists() else "not built yet"
-    if problem is None:
+    if folder.exists() and check_entry(folder, spec) is None:
         return folder
-    if progress:
-        stderr_console.print(
-            f"zoo:{spec.name}: {problem}; building it into {folder} "
-            f"(about {spec.reference_minutes:g} min on 2 CPU cores, once)"
-        )
-    return build(spec, root, progress=progress)
+    return build(spec, root, progress=progress, force=False)
 
 
 def entries(root: Path | None = None) -> list[dict[str, Any]]:

@@ -175,12 +175,12 @@ def test_kill_minus_nine_then_resume_equals_uninterrupted(tiny_models, corpus, t
     subprocess.run(command(reference), check=True, env=env, capture_output=True)
     proc = subprocess.Popen(command(resumed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (resumed / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
+    while not (resumed / "checkpoint" / "state.json").exists() and time.monotonic() < deadline:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (resumed / "metrics.json").exists(), "the run finished before it could be killed"
-    assert (resumed / "checkpoint.safetensors").exists()
+    assert (resumed / "checkpoint" / "state.json").exists()
     subprocess.run(command(resumed), check=True, env=env, capture_output=True)
     want = load_file(reference / "layers.1" / "sae.safetensors")
     got = load_file(resumed / "layers.1" / "sae.safetensors")

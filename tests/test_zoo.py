@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from test_cli import run_cli  # the shared in-process CLI runner
 
 from interlayer import zoo
@@ -237,3 +239,43 @@ def test_cli_list_and_build(tiny_registry: Path, capsys: pytest.CaptureFixture[s
     assert row["built"] is True and row["val_ppl"] == pytest.approx(summary["val_ppl"])
     code, _, _ = run_cli(["zoo", "build", "nope"], capsys)
     assert code == 2
+
+
+def test_a_second_process_waits_for_the_build_then_uses_it(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "zoo"
+    root.mkdir()
+    monkeypatch.setitem(zoo.REGISTRY, "tiny", TINY)
+    built_here: list[Path] = []
+
+    def build_into(folder: Path, *_: object) -> None:  # a build that is quick: the tiny model's files
+        built_here.append(folder)
+        shutil.copytree(built, folder, dirs_exist_ok=True)
+
+    monkeypatch.setattr(zoo, "_build_into", build_into)
+    waiting = threading.Event()
+
+    class Console:  # stands in for the terminal; notes when ensure says it is waiting
+        def print(self, text: str) -> None:
+            if "another process is building it" in text:
+                waiting.set()
+
+    monkeypatch.setattr(zoo, "stderr_console", Console())
+    other = FileLock(root / ".tiny.lock")  # another process is building zoo:tiny
+    other.acquire()
+    result: list[Path] = []
+    thread = threading.Thread(target=lambda: result.append(zoo.ensure("tiny", root)))
+    thread.start()
+    try:
+        assert waiting.wait(timeout=60)
+        assert not (root / "tiny").exists()
+        shutil.copytree(built, root / "tiny")  # ... it finishes its build
+    finally:
+        other.release()
+        thread.join(timeout=60)
+    assert result == [root / "tiny"] and built_here == []  # used, not rebuilt
+    zoo.build("tiny", root, progress=False, force=False)
+    assert built_here == []
+    zoo.build("tiny", root, progress=False, force=True)
+    assert len(built_here) == 1 and zoo.check_entry(root / "tiny", TINY) is None

@@ -14,17 +14,20 @@ FVU 0.224 but left 6,147 latents dead, lr 5e-3 0.258 with 282 dead; F = 4,096, 1
 The decoder gradient is projected orthogonal to each unit row before the step, and rows are renormalised
 after it. b_dec starts at the mean of the first chunk.
 
-Checkpoints are one safetensors file holding every site's parameters, Adam moments and dead-latent counters,
-with the run state in its metadata, written atomically at chunk boundaries. Because chunk i and its shuffle
-depend only on (data, seed, i), a resumed run takes exactly the steps the uninterrupted one would have.
-Sites are independent: a later distributed trainer can give each rank a subset of sites (module-parallel)
-or average gradients per site (DDP) without changing this file's state format.
+Checkpoints are taken at chunk boundaries into ``checkpoint/``: one safetensors file per site (parameters,
+Adam moments, dead-latent counters), each written atomically under a name carrying the chunk index, then
+``state.json`` (run state, and per site its file, input scale and running statistics) is written atomically:
+that write is the commit, so a crash at any moment leaves the previous checkpoint whole. Because chunk i and
+its shuffle depend only on (data, seed, i), a resumed run takes exactly the steps the uninterrupted one
+would have. Under ``torchrun`` (:mod:`interlayer.distributed`) each rank writes the files of the sites it
+owns and reads back only those, and a checkpoint resumes under any number of processes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -33,14 +36,17 @@ from pathlib import Path
 import torch
 
 from interlayer.activations import Chunk, shuffled_batches
-from interlayer.atomic import read_json, read_metadata, read_tensors, write_json, write_tensors
+from interlayer.atomic import read_json, read_tensors, write_json, write_tensors
+from interlayer.distributed import SINGLE, ProcessGroup, check_mode, site_blocks
 from interlayer.errors import UserError
 from interlayer.models import pick_device
 from interlayer.sae.config import SAEConfig
 from interlayer.sae.io import folded_copy, save_sae
 from interlayer.sae.topk import SparseAutoencoder, build_sae
 
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT = "checkpoint"
+"""The checkpoint folder of a run: ``state.json`` (the commit) and one safetensors file per site."""
+CHECKPOINT_STATE = "state.json"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 
@@ -124,32 +130,46 @@ class SiteTrainer:
         )
         return trainer
 
-    def step(self, x_BD: torch.Tensor, lr: float) -> dict[str, float]:
-        """One optimiser step at learning rate ``lr``; returns the batch's FVU, AuxK loss, L0 and dead fraction."""
+    def step(self, x_BD: torch.Tensor, lr: float, shards: ProcessGroup = SINGLE) -> dict[str, float]:
+        """One optimiser step at learning rate ``lr``; returns the batch's FVU, AuxK loss, L0 and dead fraction.
+
+        With ``shards`` a group of W ranks, ``x_BD`` is this rank's slice of the batch: the batch mean and
+        Σ‖x − x̄‖² are all-reduced, each rank's loss is its share of the whole-batch loss, gradients and
+        firings are summed over the ranks, so every rank takes the same step as one process on the batch.
+        """
         x_BD = x_BD * self.sae.cfg.input_scale
+        rows = x_BD.shape[0] * shards.world
         dead_F = self.since_fired_F >= self.cfg.dead_tokens
         out = self.sae.training_forward(x_BD, dead_F, self.k_aux)
-        total_var = (x_BD - x_BD.mean(0)).pow(2).sum()
+        mean_D = shards.all_reduce_(x_BD.sum(0)) / rows
+        total_var = shards.all_reduce_((x_BD - mean_D).pow(2).sum())
         fvu = (out.x_hat_BD - x_BD).pow(2).sum() / total_var
         loss = fvu
-        aux = torch.zeros(())
+        aux = torch.zeros((), device=x_BD.device)
         if out.aux_hat_BD is not None:
             residual_BD = (x_BD - out.x_hat_BD).detach()
             aux = (out.aux_hat_BD - residual_BD).pow(2).sum() / total_var
             loss = loss + self.cfg.aux_alpha * min(int(dead_F.sum()) / self.k_aux, 1.0) * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for param in self.sae.parameters():
+            if param.grad is not None:
+                shards.all_reduce_(param.grad)
         self.sae.project_decoder_grad_()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.sae.normalise_decoder_()
-        self.since_fired_F += x_BD.shape[0]
-        self.since_fired_F[out.fired_F] = 0
+        fired_F = shards.all_reduce_(out.fired_F.to(torch.uint8), op="max").bool()
+        self.since_fired_F += rows
+        self.since_fired_F[fired_F] = 0
+        fvu_sum, aux_sum, l0_sum = shards.all_reduce_(
+            torch.stack([fvu.detach(), aux.detach(), torch.tensor(out.l0, device=x_BD.device)])
+        ).tolist()
         return {
-            "fvu": float(fvu.detach()),
-            "aux_loss": float(aux.detach()),
-            "l0": out.l0,
+            "fvu": fvu_sum,
+            "aux_loss": aux_sum,
+            "l0": l0_sum / shards.world,
             "dead_fraction": float(dead_F.float().mean()),
         }
 
@@ -196,50 +216,72 @@ def train_saes(
     run_settings: dict[str, object],
     device: str = "cpu",
     on_step: Callable[[int, dict[str, SiteSummary]], None] | None = None,
+    group: ProcessGroup = SINGLE,
+    distribute: str = "sites",
 ) -> dict[str, object]:
     """Train one SAE per entry of ``sae_cfgs`` (keyed by site) on ``chunks(start)``, writing into ``out``.
 
     ``out/<site>/`` gets each SAE folder and ``out/metrics.json`` the run summary. Rerunning on the same
     folder with the same settings resumes from the checkpoint; a finished run returns its summary at once.
+
+    Under ``torchrun`` (``group.world`` > 1, see :mod:`interlayer.distributed`) ``out`` must be a folder
+    every rank sees; rank 0 writes the shared files (run settings, the checkpoint's commit, metrics). ``distribute="sites"``: this rank trains its block of sites (``chunks`` must hold at least
+    those) and ``on_step`` sees those; ``"data"``: every rank trains every site on its slice of each batch
+    (``chunks`` must give every rank the same chunks). A checkpoint resumes under any number of processes.
     """
     out = Path(out)
     dev = pick_device(device)
+    check_mode(distribute, train_cfg.batch_size, group.world)
+    by_site = distribute == "sites"
+    if not by_site and any(cfg.architecture != "topk" for cfg in sae_cfgs.values()):
+        raise UserError(
+            "--distribute data supports topk SAEs only (BatchTopK selects over the whole batch); "
+            "use --distribute sites"
+        )
+    mine = site_blocks(list(sae_cfgs), group.world)[group.rank] if by_site else list(sae_cfgs)
+    local_cfgs = {s: sae_cfgs[s] for s in mine}
+    shards = SINGLE if by_site else group
+    per_rank = train_cfg.batch_size // shards.world
+    rows = slice(shards.rank * per_rank, (shards.rank + 1) * per_rank)  # this rank's rows of every batch
     # How often checkpoints are written does not change the result, so it may differ on resume.
     recorded = asdict(replace(train_cfg, checkpoint_seconds=0))
     saes = {s: c.to_json() for s, c in sae_cfgs.items()}
     settings = json.loads(json.dumps({**run_settings, "train": recorded, "saes": saes}))
-    if (out / RUN_FILE).exists():
-        if read_json(out / RUN_FILE, "run settings") != settings:
-            raise UserError(
-                f"{out} holds a run with other settings; rerun the same command or choose a new --out"
-            )
-        if (out / METRICS_FILE).exists():
-            (out / CHECKPOINT).unlink(missing_ok=True)
-            return read_json(out / METRICS_FILE, "run metrics")
-    else:
+    if group.is_main and not (out / RUN_FILE).exists():
         write_json(out / RUN_FILE, settings)
+    group.barrier()
+    if read_json(out / RUN_FILE, "run settings") != settings:
+        raise UserError(
+            f"{out} holds a run with other settings; rerun the same command or choose a new --out"
+        )
+    if (out / METRICS_FILE).exists():
+        if group.is_main:
+            shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+        return read_json(out / METRICS_FILE, "run metrics")
 
     state = {"chunk": 0, "step": 0}
     trainers: dict[str, SiteTrainer] = {}
-    summaries = {site: SiteSummary() for site in sae_cfgs}
-    if (out / CHECKPOINT).exists():
-        state, trainers, summaries = _resume(out / CHECKPOINT, sae_cfgs, train_cfg, dev)
+    summaries = {site: SiteSummary() for site in local_cfgs}
+    if checkpoint_exists(out):
+        state, trainers, summaries = _resume(out, local_cfgs, train_cfg, dev)
+    group.barrier()  # every rank has read the checkpoint before rank 0 may replace it
 
     started = time.monotonic()
     last_checkpoint = time.monotonic()
     for chunk in chunks(state["chunk"]):
-        missing = set(sae_cfgs) - chunk.acts.keys()
+        missing = set(local_cfgs) - chunk.acts.keys()
         if missing:
             raise UserError(f"the activation stream lacks site(s) {', '.join(sorted(missing))}")
         if not trainers:
             trainers = {
                 site: SiteTrainer.start(cfg, train_cfg, chunk.acts[site].to(dev), dev)
-                for site, cfg in sae_cfgs.items()
+                for site, cfg in local_cfgs.items()
             }
-        for batch in shuffled_batches(chunk, train_cfg.batch_size, train_cfg.seed):
+        for batch in shuffled_batches(chunk, train_cfg.batch_size, train_cfg.seed, list(local_cfgs)):
             for site, trainer in trainers.items():
                 lr = train_cfg.lr_for(trainer.sae.cfg.latents) * train_cfg.lr_factor(state["step"])
-                summaries[site].update(trainer.step(batch[site].to(dev), lr), first=state["step"] == 0)
+                stats = trainer.step(batch[site][rows].to(dev), lr, shards)
+                summaries[site].update(stats, first=state["step"] == 0)
             state["step"] += 1
             if on_step is not None:
                 on_step(state["step"], summaries)
@@ -248,58 +290,99 @@ def train_saes(
         state["chunk"] = chunk.index + 1
         if state["step"] >= train_cfg.steps:
             break
-        if time.monotonic() - last_checkpoint >= train_cfg.checkpoint_seconds:
-            _write_checkpoint(out, trainers, state, summaries)
+        if group.broadcast(time.monotonic() - last_checkpoint >= train_cfg.checkpoint_seconds):
+            # by data, every rank holds the same state and rank 0 writes it
+            _write_checkpoint(out, trainers, state, summaries, group, owner=by_site or group.is_main)
             last_checkpoint = time.monotonic()
     if not trainers:
         raise UserError("the activation stream is empty: the data produced no tokens")
     if state["step"] < train_cfg.steps:
-        if not (out / CHECKPOINT).exists():
+        if group.is_main and not checkpoint_exists(out):
             (out / RUN_FILE).unlink()  # nothing to resume: let the same folder take a smaller run
         raise UserError(
             f"the data ran out after {state['step'] * train_cfg.batch_size} tokens of the {train_cfg.tokens} asked for; "
             "give more data or fewer --tokens"
         )
     for site, trainer in trainers.items():
-        save_sae(folded_copy(trainer.sae), out / site)
-    metrics = {
-        "steps": state["step"],
-        "tokens": state["step"] * train_cfg.batch_size,
-        "seconds_this_session": round(time.monotonic() - started, 3),
-        "sites": {site: asdict(summary) for site, summary in summaries.items()},
-    }
-    write_json(out / METRICS_FILE, metrics)
-    (out / CHECKPOINT).unlink(missing_ok=True)
-    return metrics
+        if by_site or group.is_main:
+            save_sae(folded_copy(trainer.sae), out / site)
+    all_summaries: dict[str, SiteSummary] = {}
+    for part in group.gather(summaries):
+        all_summaries |= part
+    metrics: dict[str, object] = {}
+    if group.is_main:
+        metrics = {
+            "steps": state["step"],
+            "tokens": state["step"] * train_cfg.batch_size,
+            "seconds_this_session": round(time.monotonic() - started, 3),
+            "sites": {site: asdict(all_summaries[site]) for site in sae_cfgs},
+        }
+        write_json(out / METRICS_FILE, metrics)
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    return group.broadcast(metrics)
+
+
+def checkpoint_exists(out: Path) -> bool:
+    """Whether ``out`` holds a committed checkpoint."""
+    return (out / CHECKPOINT / CHECKPOINT_STATE).is_file()
 
 
 def _resume(
-    path: Path, sae_cfgs: dict[str, SAEConfig], train_cfg: TrainConfig, dev: torch.device
+    out: Path, sae_cfgs: dict[str, SAEConfig], train_cfg: TrainConfig, dev: torch.device
 ) -> tuple[dict[str, int], dict[str, SiteTrainer], dict[str, SiteSummary]]:
-    """Rebuild the run state, trainers and summaries from a checkpoint; a damaged one is a UserError."""
-    tensors, meta = read_tensors(path, "checkpoint"), read_metadata(path)
+    """Rebuild the run state and the trainers and summaries of ``sae_cfgs`` from the committed checkpoint
+    (reading only those sites' files); a damaged checkpoint is a UserError."""
+    folder = out / CHECKPOINT
+    committed = read_json(folder / CHECKPOINT_STATE, "checkpoint state")
     try:
-        state = json.loads(meta["state"])
-        scales, summaries = json.loads(meta["scales"]), json.loads(meta["summaries"])
-        trainers = {site: SiteTrainer(cfg, train_cfg, scales[site], dev) for site, cfg in sae_cfgs.items()}
-        for site, trainer in trainers.items():
-            trainer.load_state_tensors(tensors, f"{site}/")
-        return state, trainers, {site: SiteSummary(**summaries[site]) for site in sae_cfgs}
-    except (KeyError, ValueError, RuntimeError) as exc:
+        state = {"chunk": int(committed["chunk"]), "step": int(committed["step"])}
+        trainers, summaries = {}, {}
+        for site, cfg in sae_cfgs.items():
+            entry = committed["sites"][site]
+            trainers[site] = SiteTrainer(cfg, train_cfg, float(entry["input_scale"]), dev)
+            trainers[site].load_state_tensors(read_tensors(folder / entry["file"], "checkpoint"), "")
+            summaries[site] = SiteSummary(**entry["summary"])
+        return state, trainers, summaries
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise UserError(
-            f"{path} is damaged ({type(exc).__name__}: {exc}); delete it to restart the run"
+            f"the checkpoint {folder} is damaged ({type(exc).__name__}: {exc}); delete it to restart the run"
         ) from None
 
 
 def _write_checkpoint(
-    out: Path, trainers: dict[str, SiteTrainer], state: dict[str, int], summaries: dict[str, SiteSummary]
+    out: Path,
+    trainers: dict[str, SiteTrainer],
+    state: dict[str, int],
+    summaries: dict[str, SiteSummary],
+    group: ProcessGroup,
+    owner: bool,
 ) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    for site, trainer in trainers.items():
-        tensors.update(trainer.state_tensors(f"{site}/"))
-    meta = {
-        "state": json.dumps(state),
-        "scales": json.dumps({site: trainer.sae.cfg.input_scale for site, trainer in trainers.items()}),
-        "summaries": json.dumps({site: asdict(summary) for site, summary in summaries.items()}),
-    }
-    write_tensors(out / CHECKPOINT, tensors, metadata=meta)
+    """Commit a checkpoint of every site; every rank calls it.
+
+    Ranks that ``owner`` their trainers write one file per site, named by the chunk
+    (``<site>.<chunk>.safetensors``: weights, Adam moments, dead counters); rank 0 then writes
+    ``state.json`` naming those files (the atomic commit) and deletes the files it no longer names. A crash
+    before the commit leaves the previous checkpoint whole; no rank ever holds another's tensors.
+    """
+    folder = out / CHECKPOINT
+    entries: dict[str, dict[str, object]] = {}
+    if owner:
+        folder.mkdir(parents=True, exist_ok=True)
+        for site, trainer in trainers.items():
+            name = f"{site}.{state['chunk']:06d}.safetensors"
+            write_tensors(folder / name, {n: t.cpu() for n, t in trainer.state_tensors("").items()})
+            entries[site] = {
+                "file": name,
+                "input_scale": trainer.sae.cfg.input_scale,
+                "summary": asdict(summaries[site]),
+            }
+    parts = group.gather(entries)
+    if not group.is_main:
+        return
+    for part in parts:
+        entries |= part
+    write_json(folder / CHECKPOINT_STATE, {**state, "sites": entries})
+    named = {str(entry["file"]) for entry in entries.values()} | {CHECKPOINT_STATE}
+    for path in folder.iterdir():
+        if path.name not in named:  # older checkpoints' files, and temporaries of a crashed write
+            path.unlink(missing_ok=True)

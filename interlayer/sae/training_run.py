@@ -3,13 +3,14 @@ site, and hand both to :func:`interlayer.sae.trainer.train_saes`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from interlayer.activations import ActivationCache, Chunk, ChunkPlan, model_chunks
 from interlayer.data import corpus_fingerprint
+from interlayer.distributed import SINGLE, ProcessGroup, check_mode, site_blocks
 from interlayer.errors import UserError
 from interlayer.models import LoadedModel, load_model
 from interlayer.sae.config import SAEConfig
@@ -26,8 +27,14 @@ class ActivationSource:
     sites: list[str]
     model: str
     width: int
-    chunks: Callable[[int], Iterator[Chunk]]
+    site_chunks: Callable[[Sequence[str], int, ProcessGroup], Iterator[Chunk]]
+    """``site_chunks(names, start, deal)``: chunks ``start, …`` holding the sites ``names`` only; a model
+    source deals its model batches among the ranks of ``deal`` (:func:`interlayer.activations.model_chunks`)."""
     settings: dict[str, Any]
+
+    def chunks(self, start: int = 0) -> Iterator[Chunk]:
+        """Chunks ``start, …`` holding every site of the source."""
+        return self.site_chunks(self.sites, start, SINGLE)
 
 
 def model_source(
@@ -35,9 +42,10 @@ def model_source(
 ) -> ActivationSource:
     """Chunks computed by running ``lm`` on ``data`` and capturing ``sites``."""
     site_objs = resolve_sites(lm.model, sites)
+    by_name = {site.name: site for site in site_objs}
 
-    def chunks(start: int) -> Iterator[Chunk]:
-        return model_chunks(lm, site_objs, data, plan, start=start)
+    def site_chunks(names: Sequence[str], start: int, deal: ProcessGroup) -> Iterator[Chunk]:
+        return model_chunks(lm, [by_name[name] for name in names], data, plan, start=start, deal=deal)
 
     names = [s.name for s in site_objs]
     settings = {
@@ -48,7 +56,7 @@ def model_source(
         "plan": asdict(plan),
         "dtype": dtype,
     }
-    return ActivationSource(names, lm.name, site_objs[0].width, chunks, settings)
+    return ActivationSource(names, lm.name, site_objs[0].width, site_chunks, settings)
 
 
 def cache_source(folder: str | Path, sites: str | None) -> ActivationSource:
@@ -56,7 +64,13 @@ def cache_source(folder: str | Path, sites: str | None) -> ActivationSource:
     cache = ActivationCache(folder)
     names = match_site_names(cache.sites, "**" if sites is None else sites)
     settings = {"activations": str(Path(folder).resolve()), "sites": names}
-    return ActivationSource(names, str(cache.manifest["model"]), cache.width, cache.chunks, settings)
+    return ActivationSource(
+        names,
+        str(cache.manifest["model"]),
+        cache.width,
+        lambda site_names, start, _deal: cache.chunks(start, site_names),  # every rank reads the shards
+        settings,
+    )
 
 
 def train_from_source(
@@ -66,13 +80,33 @@ def train_from_source(
     train_cfg: TrainConfig,
     device: str = "cpu",
     on_step: Callable[[int, dict[str, SiteSummary]], None] | None = None,
+    group: ProcessGroup = SINGLE,
+    distribute: str = "sites",
 ) -> dict[str, Any]:
-    """Train one SAE per site of ``source``, shaped like ``template`` (architecture, latents, k)."""
+    """Train one SAE per site of ``source``, shaped like ``template`` (architecture, latents, k).
+
+    Under ``torchrun`` (see :mod:`interlayer.distributed`): with ``distribute="sites"`` this rank computes
+    and trains only its block of sites; with ``"data"`` it runs its share of the model batches and trains
+    every site on its share of each batch.
+    """
     sae_cfgs = {
         name: replace(template, d_in=source.width, site=name, model=source.model) for name in source.sites
     }
+    check_mode(distribute, train_cfg.batch_size, group.world)
+    if distribute == "sites":
+        mine, deal = site_blocks(source.sites, group.world)[group.rank], SINGLE
+    else:
+        mine, deal = source.sites, group
     return train_saes(
-        out, source.chunks, sae_cfgs, train_cfg, source.settings, device=device, on_step=on_step
+        out,
+        lambda start: source.site_chunks(mine, start, deal),
+        sae_cfgs,
+        train_cfg,
+        source.settings,
+        device=device,
+        on_step=on_step,
+        group=group,
+        distribute=distribute,
     )
 
 

@@ -3,6 +3,7 @@ recovery of a planted dictionary, determinism, and exact resumption after an int
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,11 +12,10 @@ import pytest
 import torch
 
 from interlayer.activations import Chunk
-from interlayer.atomic import read_metadata
 from interlayer.sae.config import SAEConfig
 from interlayer.sae.io import load_sae
 from interlayer.sae.topk import BatchTopKSAE, TopKSAE, build_sae
-from interlayer.sae.trainer import CHECKPOINT, METRICS_FILE, TrainConfig, train_saes
+from interlayer.sae.trainer import CHECKPOINT, CHECKPOINT_STATE, METRICS_FILE, TrainConfig, train_saes
 
 D, F, K = 12, 48, 4
 
@@ -316,9 +316,9 @@ def test_interrupted_run_resumes_exactly(tmp_path: Path, architecture: str) -> N
     out = tmp_path / "resumed"
     with pytest.raises(Interrupted):
         small_run(out, seed=3, architecture=architecture, fail_after=2)
-    assert (out / CHECKPOINT).exists() and not (out / METRICS_FILE).exists()
-    state = read_metadata(out / CHECKPOINT)["state"]
-    assert '"chunk": 3' in state and '"step": 24' in state
+    assert (out / CHECKPOINT / CHECKPOINT_STATE).exists() and not (out / METRICS_FILE).exists()
+    committed = json.loads((out / CHECKPOINT / CHECKPOINT_STATE).read_text())
+    assert committed["chunk"] == 3 and committed["step"] == 24
     starts: list[int] = []
     resumed = small_run(out, seed=3, architecture=architecture, starts=starts)
     assert starts == [3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 from interlayer.activations import Chunk
 from interlayer.errors import UserError
 from interlayer.sae import SAEConfig, TrainConfig
-from interlayer.sae.trainer import CHECKPOINT, RUN_FILE, train_saes
+from interlayer.sae.trainer import CHECKPOINT, CHECKPOINT_STATE, RUN_FILE, train_saes
 
 
 def chunks_of(data_ND: torch.Tensor, rows: int, stop_after: int | None = None):
@@ -32,9 +33,18 @@ TRAIN = TrainConfig(tokens=3072, batch_size=256, checkpoint_seconds=0)
 def test_damaged_checkpoint_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         train_saes(tmp_path, chunks_of(DATA, 512, stop_after=1), CFGS, TRAIN, {})
-    assert (tmp_path / CHECKPOINT).exists()
-    save_file({"x": torch.zeros(1)}, str(tmp_path / CHECKPOINT))  # valid safetensors, wrong content
-    with pytest.raises(UserError, match="damaged"):
+    committed = json.loads((tmp_path / CHECKPOINT / CHECKPOINT_STATE).read_text())
+    assert committed["chunk"] == 2 and committed["step"] == 4
+    assert sorted(p.name for p in (tmp_path / CHECKPOINT).iterdir()) == ["s.000002.safetensors", "state.json"]
+    site_file = tmp_path / CHECKPOINT / committed["sites"]["s"]["file"]
+    save_file({"x": torch.zeros(1)}, str(site_file))  # valid safetensors, wrong content
+    with pytest.raises(UserError, match="checkpoint .* is damaged"):
+        train_saes(tmp_path, chunks_of(DATA, 512), CFGS, TRAIN, {})
+    site_file.unlink()
+    with pytest.raises(UserError, match="checkpoint not found: .*s.000002.safetensors"):
+        train_saes(tmp_path, chunks_of(DATA, 512), CFGS, TRAIN, {})
+    (tmp_path / CHECKPOINT / CHECKPOINT_STATE).write_text("{")
+    with pytest.raises(UserError, match="checkpoint state .* is not valid JSON"):
         train_saes(tmp_path, chunks_of(DATA, 512), CFGS, TRAIN, {})
 
 

@@ -1,0 +1,42 @@
+"""Run by tests/test_distributed.py under torchrun: train the SAEs of three sites on fixed random
+activations, the ranks sharing the work by sites or by data, optionally killed (an exception on every rank)
+when chunk 2 is due.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 distributed_worker.py OUT MODE [STOP_AT]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from interlayer.activations import Chunk
+from interlayer.distributed import process_group
+from interlayer.sae import SAEConfig, TrainConfig
+from interlayer.sae.trainer import train_saes
+
+SITES = ("a", "b", "c")
+DATA_ND = torch.randn(4096, 16, generator=torch.Generator().manual_seed(0))
+ACTS = {site: DATA_ND * (i + 1) + i for i, site in enumerate(SITES)}  # a different stream per site
+SAE_CFGS = {site: SAEConfig(d_in=16, latents=256, k=4) for site in SITES}
+# Latents die after 256 tokens without firing, so AuxK and the shared dead-latent counters are in play.
+TRAIN = TrainConfig(tokens=3072, batch_size=256, dead_tokens=256, checkpoint_seconds=0)
+ROWS = 512
+
+
+def chunks(start: int, stop_at: int | None = None):
+    """Chunks of ROWS rows of every site; raises KeyboardInterrupt when chunk ``stop_at`` is due."""
+    for index in range(start, DATA_ND.shape[0] // ROWS):
+        if index == stop_at:
+            raise KeyboardInterrupt
+        yield Chunk(index, {site: acts[index * ROWS : (index + 1) * ROWS] for site, acts in ACTS.items()})
+
+
+def main(out: str, mode: str, stop_at: int | None) -> None:
+    group = process_group("cpu")
+    train_saes(out, lambda start: chunks(start, stop_at), SAE_CFGS, TRAIN, {}, group=group, distribute=mode)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
