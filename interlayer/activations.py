@@ -124,17 +124,39 @@ def _reassemble(
     return torch.cat([per_rank[i % deal.world][i // deal.world] for i in range(batches)])
 
 
-def shuffled_batches(
-    chunk: Chunk, batch_size: int, seed: int, sites: Sequence[str] | None = None
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Full batches of a chunk (of ``sites``, default all) in a random order fixed by (seed, chunk index);
-    the ragged tail is dropped."""
+def shuffled_rows(chunk: Chunk, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Row indices of the chunk's full batches, in a random order fixed by (seed, chunk index); the ragged
+    tail is dropped."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk.index)
     order = torch.randperm(chunk.tokens, generator=generator)
-    names = list(chunk.acts) if sites is None else sites
     for start in range(0, chunk.tokens - batch_size + 1, batch_size):
-        rows = order[start : start + batch_size]
-        yield {name: chunk.acts[name][rows.to(chunk.acts[name].device)] for name in names}
+        yield order[start : start + batch_size]
+
+
+def shuffled_batches(chunk: Chunk, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of :func:`shuffled_rows`, as activations of every site of the chunk."""
+    for rows in shuffled_rows(chunk, batch_size, seed):
+        yield {name: tensor[rows.to(tensor.device)] for name, tensor in chunk.acts.items()}
+
+
+def check_outlier_norm(outlier_norm: float) -> None:
+    """A :class:`UserError` unless ``outlier_norm`` is 0 (off) or above 1."""
+    if outlier_norm != 0 and not outlier_norm > 1:
+        raise UserError(
+            f"--outlier-norm must be 0 (off) or above 1 (a multiple of the median norm), got {outlier_norm}"
+        )
+
+
+def inlier_mask(acts_ND: torch.Tensor, outlier_norm: float) -> torch.Tensor:
+    """Bool mask of the rows with ‖x‖ ≤ ``outlier_norm`` × median row norm (all rows when it is 0).
+
+    High-norm tokens (attention sinks) dominate squared-error losses and the input scale; filtering them is
+    optional. The median is the lower median (``torch.median``) over the rows given.
+    """
+    if outlier_norm <= 0 or acts_ND.shape[0] == 0:
+        return torch.ones(acts_ND.shape[0], dtype=torch.bool, device=acts_ND.device)
+    norms_N = acts_ND.norm(dim=1)
+    return norms_N <= outlier_norm * norms_N.median()
 
 
 class ActivationCache:

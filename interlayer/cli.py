@@ -43,6 +43,13 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary as t
 ContextOpt = Annotated[int, typer.Option("--context-len", help="Tokens per packed context.")]
 ModelBatchOpt = Annotated[int, typer.Option("--model-batch-size", help="Contexts per model forward pass.")]
 ChunkOpt = Annotated[int, typer.Option("--chunk-batches", help="Model batches per shuffle chunk.")]
+OutlierOpt = Annotated[
+    float,
+    typer.Option(
+        "--outlier-norm",
+        help="Leave out tokens with norm > this × the median norm at the site (0: keep all).",
+    ),
+]
 
 
 def _emit(summary: dict[str, Any], as_json: bool) -> None:
@@ -144,6 +151,7 @@ def sae_train(
     checkpoint_seconds: Annotated[
         float, typer.Option("--checkpoint-seconds", help="Min seconds between checkpoints.")
     ] = 120.0,
+    outlier_norm: OutlierOpt = 0.0,
     context_len: ContextOpt = 128,
     model_batch_size: ModelBatchOpt = 32,
     chunk_batches: ChunkOpt = 8,
@@ -171,7 +179,7 @@ def sae_train(
 
     train_cfg = TrainConfig(
         tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, dead_tokens=dead_tokens,
-        normalise=normalise, checkpoint_seconds=checkpoint_seconds,
+        normalise=normalise, checkpoint_seconds=checkpoint_seconds, outlier_norm=outlier_norm,
     )  # fmt: skip
     template = SAEConfig(d_in=1, latents=latents, k=k, architecture=architecture)
     plan = ChunkPlan(context_len, model_batch_size, chunk_batches)
@@ -212,6 +220,7 @@ def sae_eval(
     model_batch_size: ModelBatchOpt = 16,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    outlier_norm: OutlierOpt = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate SAEs: pooled EV, FVU, L0, dead/dense latents, and spliced CE/KL (or pooled cosine)."""
@@ -235,7 +244,14 @@ def sae_eval(
     lm = load_model(model, device=device, dtype=dtype)
     with progress_bar("evaluating", tokens) as bar:
         evaluation = evaluate_saes(
-            lm, saes, data, tokens, context_len, model_batch_size, on_batch=lambda n: bar.advance(n)
+            lm,
+            saes,
+            data,
+            tokens,
+            context_len,
+            model_batch_size,
+            on_batch=lambda n: bar.advance(n),
+            outlier_norm=outlier_norm,
         )
     results = {site: evaluation.metrics(site) for site in saes}
     if not as_json:

@@ -19,9 +19,12 @@ from interlayer.sae.trainer import train_saes
 SITES = ("a", "b", "c")
 DATA_ND = torch.randn(4096, 16, generator=torch.Generator().manual_seed(0))
 ACTS = {site: DATA_ND * (i + 1) + i for i, site in enumerate(SITES)}  # a different stream per site
+for i, acts in enumerate(ACTS.values()):
+    acts[i::37] *= 50  # outlier tokens, different ones per site, filtered by outlier_norm
 SAE_CFGS = {site: SAEConfig(d_in=16, latents=256, k=4) for site in SITES}
-# Latents die after 256 tokens without firing, so AuxK and the shared dead-latent counters are in play.
-TRAIN = TrainConfig(tokens=3072, batch_size=256, dead_tokens=256, checkpoint_seconds=0)
+# Latents die after 256 tokens without firing, so AuxK and the shared dead-latent counters are in play;
+# outliers make the ranks' shares of a batch differ in size.
+TRAIN = TrainConfig(tokens=3072, batch_size=256, dead_tokens=256, checkpoint_seconds=0, outlier_norm=4.0)
 ROWS = 512
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from interlayer.activations import check_outlier_norm, inlier_mask
 from interlayer.data import iter_documents, token_batches
 from interlayer.errors import UserError
 from interlayer.models import LoadedModel
@@ -97,8 +98,15 @@ def evaluate_saes(
     batch_size: int = 16,
     split: str = "validation",
     on_batch: Callable[[int], None] | None = None,
+    outlier_norm: float = 0.0,
 ) -> Evaluation:
-    """Evaluate each SAE (keyed by site name) on about ``tokens`` kept tokens of ``data``'s ``split``."""
+    """Evaluate each SAE (keyed by site name) on about ``tokens`` kept tokens of ``data``'s ``split``.
+
+    With ``outlier_norm`` > 0, tokens whose norm at a site exceeds that multiple of the median norm of the
+    batch's kept tokens there are left out of that SAE's reconstruction metrics and are not spliced (CE and
+    KL still cover every kept target, as the clean model sees it).
+    """
+    check_outlier_norm(outlier_norm)
     sites = {site.name: site for site in resolve_sites(lm.model, list(saes))}
     for name, sae in saes.items():
         check_sae_fits(sae, sites[name], name)
@@ -120,13 +128,15 @@ def evaluate_saes(
         where_M2[:, 0] += n_contexts
         for name, sae in saes.items():
             result = results[name]
-            x_MD = acts[name][keep_BT].float()
+            site_keep_BT = keep_BT.clone()
+            site_keep_BT[keep_BT] = inlier_mask(acts[name][keep_BT].float(), outlier_norm)
+            x_MD = acts[name][site_keep_BT].float()
             z_MF = sae.encode(x_MD)
             result.reconstruction.update(x_MD, sae.decode(z_MF), z_MF)
-            result.contexts.update(z_MF, where_M2)
-            with splice(lm.model, {sites[name]: _replace_kept(keep_BT, sae)}):
+            result.contexts.update(z_MF, where_M2[site_keep_BT[keep_BT].cpu()])
+            with splice(lm.model, {sites[name]: _replace_kept(site_keep_BT, sae)}):
                 spliced = _output(lm, lm.model(**inputs))
-            with splice(lm.model, {sites[name]: _replace_kept(keep_BT, torch.zeros_like)}):
+            with splice(lm.model, {sites[name]: _replace_kept(site_keep_BT, torch.zeros_like)}):
                 zeroed = _output(lm, lm.model(**inputs))
             if lm.is_causal_lm:
                 for key, logits in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed)):

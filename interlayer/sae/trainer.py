@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from interlayer.activations import Chunk, shuffled_batches
+from interlayer.activations import Chunk, check_outlier_norm, inlier_mask, shuffled_rows
 from interlayer.atomic import read_json, read_tensors, write_json, write_tensors
 from interlayer.distributed import SINGLE, ProcessGroup, check_mode, site_blocks
 from interlayer.errors import UserError
@@ -75,6 +75,9 @@ class TrainConfig:
     """Scale inputs so E‖c·x‖² = d_in (c estimated on the first chunk, folded into saved weights)."""
     checkpoint_seconds: float = 120.0
     """Minimum wall time between checkpoints (0: after every chunk)."""
+    outlier_norm: float = 0.0
+    """Skip tokens whose norm at a site exceeds this × the median token norm of their chunk at that site
+    (attention sinks); 0 keeps every token. Must be 0 or above 1."""
 
     def __post_init__(self) -> None:
         if self.tokens < self.batch_size:
@@ -85,6 +88,7 @@ class TrainConfig:
             raise UserError(f"lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction}")
         if self.lr is not None and not self.lr > 0:
             raise UserError(f"lr must be positive, got {self.lr}")
+        check_outlier_norm(self.outlier_norm)
 
     def lr_for(self, latents: int) -> float:
         return self.lr if self.lr is not None else 4e-3 * (latents / 2**14) ** -0.25
@@ -133,15 +137,17 @@ class SiteTrainer:
     def step(self, x_BD: torch.Tensor, lr: float, shards: ProcessGroup = SINGLE) -> dict[str, float]:
         """One optimiser step at learning rate ``lr``; returns the batch's FVU, AuxK loss, L0 and dead fraction.
 
-        With ``shards`` a group of W ranks, ``x_BD`` is this rank's slice of the batch: the batch mean and
-        Σ‖x − x̄‖² are all-reduced, each rank's loss is its share of the whole-batch loss, gradients and
+        With ``shards`` a group of W ranks, ``x_BD`` is this rank's slice of the batch: the row count, the
+        batch mean and Σ‖x − x̄‖² are all-reduced, each rank's loss is its share of the whole-batch loss, gradients and
         firings are summed over the ranks, so every rank takes the same step as one process on the batch.
         """
         x_BD = x_BD * self.sae.cfg.input_scale
-        rows = x_BD.shape[0] * shards.world
         dead_F = self.since_fired_F >= self.cfg.dead_tokens
         out = self.sae.training_forward(x_BD, dead_F, self.k_aux)
-        mean_D = shards.all_reduce_(x_BD.sum(0)) / rows
+        count_1 = torch.tensor([x_BD.shape[0]], dtype=x_BD.dtype, device=x_BD.device)
+        sum_D, rows_1 = shards.all_reduce_(torch.cat([x_BD.sum(0), count_1])).split([x_BD.shape[1], 1])
+        rows = int(rows_1.item())
+        mean_D = sum_D / rows
         total_var = shards.all_reduce_((x_BD - mean_D).pow(2).sum())
         fvu = (out.x_hat_BD - x_BD).pow(2).sum() / total_var
         loss = fvu
@@ -272,15 +278,20 @@ def train_saes(
         missing = set(local_cfgs) - chunk.acts.keys()
         if missing:
             raise UserError(f"the activation stream lacks site(s) {', '.join(sorted(missing))}")
+        inliers = {site: inlier_mask(chunk.acts[site], train_cfg.outlier_norm) for site in local_cfgs}
         if not trainers:
             trainers = {
-                site: SiteTrainer.start(cfg, train_cfg, chunk.acts[site].to(dev), dev)
+                site: SiteTrainer.start(cfg, train_cfg, chunk.acts[site][inliers[site]].to(dev), dev)
                 for site, cfg in local_cfgs.items()
             }
-        for batch in shuffled_batches(chunk, train_cfg.batch_size, train_cfg.seed, list(local_cfgs)):
+        for batch_B in shuffled_rows(chunk, train_cfg.batch_size, train_cfg.seed):
+            mine_R = batch_B[rows]
             for site, trainer in trainers.items():
+                acts_ND = chunk.acts[site]
+                keep_R = mine_R.to(acts_ND.device)
+                keep_R = keep_R[inliers[site][keep_R]]
                 lr = train_cfg.lr_for(trainer.sae.cfg.latents) * train_cfg.lr_factor(state["step"])
-                stats = trainer.step(batch[site][rows].to(dev), lr, shards)
+                stats = trainer.step(acts_ND[keep_R].to(dev), lr, shards)
                 summaries[site].update(stats, first=state["step"] == 0)
             state["step"] += 1
             if on_step is not None:
