@@ -40,6 +40,11 @@ def _workspace(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return buffer[: rows * cols].view(rows, cols)
 
 
+def release_workspace() -> None:
+    """Free the pre-activation buffers (B×F floats per device and dtype); the next encode allocates anew."""
+    _WORKSPACE.clear()
+
+
 class FusedTopKEncode(torch.autograd.Function):
     """(x_BD, W_enc_FD, b_enc_F, k, dead_F | None, k_aux) -> (values_BK, indices_BK, aux_values_BA, aux_indices_BA)."""
 

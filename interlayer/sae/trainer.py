@@ -42,6 +42,7 @@ from interlayer.errors import UserError
 from interlayer.models import pick_device
 from interlayer.sae.config import SAEConfig
 from interlayer.sae.io import folded_copy, save_sae
+from interlayer.sae.kernels import release_workspace
 from interlayer.sae.topk import SparseAutoencoder, build_sae
 
 CHECKPOINT = "checkpoint"
@@ -314,6 +315,7 @@ def train_saes(
             f"the data ran out after {state['step'] * train_cfg.batch_size} tokens of the {train_cfg.tokens} asked for; "
             "give more data or fewer --tokens"
         )
+    release_workspace()  # up to batch × latents floats, not needed once training is over
     for site, trainer in trainers.items():
         if by_site or group.is_main:
             save_sae(folded_copy(trainer.sae), out / site)

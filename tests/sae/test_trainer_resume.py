@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from interlayer.activations import Chunk
 from interlayer.errors import UserError
-from interlayer.sae import SAEConfig, TrainConfig
+from interlayer.sae import SAEConfig, TrainConfig, kernels
 from interlayer.sae.trainer import CHECKPOINT, CHECKPOINT_STATE, RUN_FILE, train_saes
 
 
@@ -61,3 +61,17 @@ def test_data_shortfall_lets_the_same_folder_take_a_smaller_run(tmp_path: Path) 
         train_saes(tmp_path, chunks_of(DATA, 512), CFGS, big, {})
     assert not (tmp_path / RUN_FILE).exists()
     assert train_saes(tmp_path, chunks_of(DATA, 512), CFGS, TRAIN, {})["tokens"] == 3072
+
+
+def test_the_pre_activation_workspace_is_freed_after_training(tmp_path: Path) -> None:
+    held: list[int] = []
+    train_saes(
+        tmp_path,
+        chunks_of(DATA, 512),
+        CFGS,
+        TRAIN,
+        {},
+        on_step=lambda _step, _s: held.append(sum(t.numel() for t in kernels._WORKSPACE.values())),
+    )
+    assert min(held) >= TRAIN.batch_size * CFGS["s"].latents  # held while training
+    assert kernels._WORKSPACE == {}  # released at the end
