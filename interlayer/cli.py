@@ -224,10 +224,12 @@ def sae_eval(
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate SAEs: pooled EV, FVU, L0, dead/dense latents, and spliced CE/KL (or pooled cosine)."""
+    from interlayer.activations import check_outlier_norm
     from interlayer.models import load_model, pick_device
     from interlayer.sae.evaluate import evaluate_saes
     from interlayer.sae.io import load_sae
 
+    check_outlier_norm(outlier_norm)
     folders = [sae] if (sae / "cfg.json").exists() else sorted(p.parent for p in sae.glob("*/cfg.json"))
     if not folders:
         raise UserError(f"no SAE found at {sae} (expected cfg.json there or in its subfolders)")
@@ -258,7 +260,7 @@ def sae_eval(
         stderr_console.print(
             _table(f"SAE metrics on {data} (validation)", [{"site": s, **m} for s, m in results.items()])
         )
-    _emit({"model": model, "data": data, "sites": results}, as_json)
+    _emit({"model": model, "data": data, "outlier_norm": outlier_norm, "sites": results}, as_json)
 
 
 @zoo_app.command("list")

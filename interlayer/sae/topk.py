@@ -35,8 +35,8 @@ class TrainingOutput:
     """The AuxK reconstruction of the residual from dead latents (no bias), or None when none are dead."""
     fired_F: torch.Tensor
     """Bool mask of latents that fired on at least one token of the batch."""
-    l0: float
-    """Mean number of active latents per token."""
+    active: float
+    """Number of (token, latent) pairs active in the batch (L0 = active / tokens)."""
 
 
 class SparseAutoencoder(nn.Module):
@@ -123,7 +123,7 @@ class TopKSAE(SparseAutoencoder):
         active_BK = values_BK > 0
         fired_F = torch.zeros(self.cfg.latents, dtype=torch.bool, device=x_BD.device)
         fired_F[indices_BK[active_BK]] = True
-        return TrainingOutput(x_hat_BD, aux_hat, fired_F, float(active_BK.sum()) / x_BD.shape[0])
+        return TrainingOutput(x_hat_BD, aux_hat, fired_F, float(active_BK.sum()))
 
 
 class BatchTopKSAE(SparseAutoencoder):
@@ -160,9 +160,7 @@ class BatchTopKSAE(SparseAutoencoder):
             top, where = dead_pre.topk(min(k_aux, int(dead_F.sum())), dim=1)
             aux_hat = torch.zeros_like(pre_BF).scatter(1, where, top) @ self.W_dec_FD
         active_BF = z_BF > 0
-        return TrainingOutput(
-            self.decode(z_BF), aux_hat, active_BF.any(0), float(active_BF.sum()) / x_BD.shape[0]
-        )
+        return TrainingOutput(self.decode(z_BF), aux_hat, active_BF.any(0), float(active_BF.sum()))
 
 
 ARCHITECTURE_CLASSES: dict[str, type[SparseAutoencoder]] = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}

@@ -83,8 +83,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.tokens < self.batch_size:
             raise UserError(f"tokens ({self.tokens}) must be at least batch_size ({self.batch_size})")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.batch_size < 2:
+            raise UserError(
+                f"batch_size must be at least 2 (the loss is normalised by the batch variance), got {self.batch_size}"
+            )
         if not 0 <= self.lr_decay_fraction <= 1:
             raise UserError(f"lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction}")
         if self.lr is not None and not self.lr > 0:
@@ -135,20 +137,23 @@ class SiteTrainer:
         )
         return trainer
 
-    def step(self, x_BD: torch.Tensor, lr: float, shards: ProcessGroup = SINGLE) -> dict[str, float]:
-        """One optimiser step at learning rate ``lr``; returns the batch's FVU, AuxK loss, L0 and dead fraction.
+    def step(self, x_BD: torch.Tensor, lr: float, shards: ProcessGroup = SINGLE) -> dict[str, float] | None:
+        """One optimiser step at learning rate ``lr``; returns the batch's FVU, AuxK loss, L0 and dead fraction,
+        or None (and no step) when fewer than 2 rows are left after the outlier filter (no variance to
+        normalise by).
 
-        With ``shards`` a group of W ranks, ``x_BD`` is this rank's slice of the batch: the row count, the
-        batch mean and Σ‖x − x̄‖² are all-reduced, each rank's loss is its share of the whole-batch loss, gradients and
-        firings are summed over the ranks, so every rank takes the same step as one process on the batch.
+        With ``shards`` a group of W ranks, ``x_BD`` is this rank's slice of the batch (possibly empty): the
+        row count, the batch mean and Σ‖x − x̄‖² are all-reduced, each rank's loss is its share of the
+        whole-batch loss, gradients, firings and active counts are summed over the ranks, so every rank
+        takes the same step as one process on the batch.
         """
+        rows = int(shards.all_reduce_(torch.tensor([x_BD.shape[0]], device=x_BD.device)).item())
+        if rows < 2:
+            return None
         x_BD = x_BD * self.sae.cfg.input_scale
         dead_F = self.since_fired_F >= self.cfg.dead_tokens
         out = self.sae.training_forward(x_BD, dead_F, self.k_aux)
-        count_1 = torch.tensor([x_BD.shape[0]], dtype=x_BD.dtype, device=x_BD.device)
-        sum_D, rows_1 = shards.all_reduce_(torch.cat([x_BD.sum(0), count_1])).split([x_BD.shape[1], 1])
-        rows = int(rows_1.item())
-        mean_D = sum_D / rows
+        mean_D = shards.all_reduce_(x_BD.sum(0)) / rows
         total_var = shards.all_reduce_((x_BD - mean_D).pow(2).sum())
         fvu = (out.x_hat_BD - x_BD).pow(2).sum() / total_var
         loss = fvu
@@ -170,13 +175,13 @@ class SiteTrainer:
         fired_F = shards.all_reduce_(out.fired_F.to(torch.uint8), op="max").bool()
         self.since_fired_F += rows
         self.since_fired_F[fired_F] = 0
-        fvu_sum, aux_sum, l0_sum = shards.all_reduce_(
-            torch.stack([fvu.detach(), aux.detach(), torch.tensor(out.l0, device=x_BD.device)])
+        fvu_sum, aux_sum, active = shards.all_reduce_(
+            torch.stack([fvu.detach(), aux.detach(), torch.tensor(out.active, device=x_BD.device)])
         ).tolist()
         return {
             "fvu": fvu_sum,
             "aux_loss": aux_sum,
-            "l0": l0_sum / shards.world,
+            "l0": active / rows,
             "dead_fraction": float(dead_F.float().mean()),
         }
 
@@ -209,10 +214,13 @@ class SiteSummary:
     l0: float = 0.0
     dead_fraction: float = 0.0
     aux_loss: float = 0.0
+    steps: int = 0
+    """Optimiser steps taken (a batch emptied by the outlier filter takes none)."""
 
-    def update(self, stats: dict[str, float], first: bool) -> None:
+    def update(self, stats: dict[str, float]) -> None:
         for key, value in stats.items():
-            setattr(self, key, value if first else 0.9 * getattr(self, key) + 0.1 * value)
+            setattr(self, key, value if self.steps == 0 else 0.9 * getattr(self, key) + 0.1 * value)
+        self.steps += 1
 
 
 def train_saes(
@@ -250,8 +258,11 @@ def train_saes(
     shards = SINGLE if by_site else group
     per_rank = train_cfg.batch_size // shards.world
     rows = slice(shards.rank * per_rank, (shards.rank + 1) * per_rank)  # this rank's rows of every batch
-    # How often checkpoints are written does not change the result, so it may differ on resume.
+    # How often checkpoints are written does not change the result, so it may differ on resume; outlier_norm
+    # is recorded only when set, so that runs started before it existed still resume.
     recorded = asdict(replace(train_cfg, checkpoint_seconds=0))
+    if not train_cfg.outlier_norm:
+        del recorded["outlier_norm"]
     saes = {s: c.to_json() for s, c in sae_cfgs.items()}
     settings = json.loads(json.dumps({**run_settings, "train": recorded, "saes": saes}))
     if group.is_main and not (out / RUN_FILE).exists():
@@ -273,66 +284,70 @@ def train_saes(
         state, trainers, summaries = _resume(out, local_cfgs, train_cfg, dev)
     group.barrier()  # every rank has read the checkpoint before rank 0 may replace it
 
-    started = time.monotonic()
-    last_checkpoint = time.monotonic()
-    for chunk in chunks(state["chunk"]):
-        missing = set(local_cfgs) - chunk.acts.keys()
-        if missing:
-            raise UserError(f"the activation stream lacks site(s) {', '.join(sorted(missing))}")
-        inliers = {site: inlier_mask(chunk.acts[site], train_cfg.outlier_norm) for site in local_cfgs}
-        if not trainers:
-            trainers = {
-                site: SiteTrainer.start(cfg, train_cfg, chunk.acts[site][inliers[site]].to(dev), dev)
-                for site, cfg in local_cfgs.items()
-            }
-        for batch_B in shuffled_rows(chunk, train_cfg.batch_size, train_cfg.seed):
-            mine_R = batch_B[rows]
-            for site, trainer in trainers.items():
-                acts_ND = chunk.acts[site]
-                keep_R = mine_R.to(acts_ND.device)
-                keep_R = keep_R[inliers[site][keep_R]]
-                lr = train_cfg.lr_for(trainer.sae.cfg.latents) * train_cfg.lr_factor(state["step"])
-                stats = trainer.step(acts_ND[keep_R].to(dev), lr, shards)
-                summaries[site].update(stats, first=state["step"] == 0)
-            state["step"] += 1
-            if on_step is not None:
-                on_step(state["step"], summaries)
+    try:
+        started = time.monotonic()
+        last_checkpoint = time.monotonic()
+        for chunk in chunks(state["chunk"]):
+            missing = set(local_cfgs) - chunk.acts.keys()
+            if missing:
+                raise UserError(f"the activation stream lacks site(s) {', '.join(sorted(missing))}")
+            inliers = {site: inlier_mask(chunk.acts[site], train_cfg.outlier_norm) for site in local_cfgs}
+            if not trainers:
+                trainers = {
+                    site: SiteTrainer.start(cfg, train_cfg, chunk.acts[site][inliers[site]].to(dev), dev)
+                    for site, cfg in local_cfgs.items()
+                }
+            for batch_B in shuffled_rows(chunk, train_cfg.batch_size, train_cfg.seed):
+                mine_R = batch_B[rows]
+                for site, trainer in trainers.items():
+                    acts_ND = chunk.acts[site]
+                    keep_R = mine_R.to(acts_ND.device)
+                    if train_cfg.outlier_norm:
+                        keep_R = keep_R[inliers[site][keep_R]]
+                    lr = train_cfg.lr_for(trainer.sae.cfg.latents) * train_cfg.lr_factor(state["step"])
+                    stats = trainer.step(acts_ND[keep_R].to(dev), lr, shards)
+                    if stats is not None:
+                        summaries[site].update(stats)
+                state["step"] += 1
+                if on_step is not None:
+                    on_step(state["step"], summaries)
+                if state["step"] >= train_cfg.steps:
+                    break
+            state["chunk"] = chunk.index + 1
             if state["step"] >= train_cfg.steps:
                 break
-        state["chunk"] = chunk.index + 1
-        if state["step"] >= train_cfg.steps:
-            break
-        if group.broadcast(time.monotonic() - last_checkpoint >= train_cfg.checkpoint_seconds):
-            # by data, every rank holds the same state and rank 0 writes it
-            _write_checkpoint(out, trainers, state, summaries, group, owner=by_site or group.is_main)
-            last_checkpoint = time.monotonic()
-    if not trainers:
-        raise UserError("the activation stream is empty: the data produced no tokens")
-    if state["step"] < train_cfg.steps:
-        if group.is_main and not checkpoint_exists(out):
-            (out / RUN_FILE).unlink()  # nothing to resume: let the same folder take a smaller run
-        raise UserError(
-            f"the data ran out after {state['step'] * train_cfg.batch_size} tokens of the {train_cfg.tokens} asked for; "
-            "give more data or fewer --tokens"
-        )
-    release_workspace()  # up to batch × latents floats, not needed once training is over
-    for site, trainer in trainers.items():
-        if by_site or group.is_main:
-            save_sae(folded_copy(trainer.sae), out / site)
-    all_summaries: dict[str, SiteSummary] = {}
-    for part in group.gather(summaries):
-        all_summaries |= part
-    metrics: dict[str, object] = {}
-    if group.is_main:
-        metrics = {
-            "steps": state["step"],
-            "tokens": state["step"] * train_cfg.batch_size,
-            "seconds_this_session": round(time.monotonic() - started, 3),
-            "sites": {site: asdict(all_summaries[site]) for site in sae_cfgs},
-        }
-        write_json(out / METRICS_FILE, metrics)
-        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
-    return group.broadcast(metrics)
+            if group.broadcast(time.monotonic() - last_checkpoint >= train_cfg.checkpoint_seconds):
+                # by data, every rank holds the same state and rank 0 writes it
+                _write_checkpoint(out, trainers, state, summaries, group, owner=by_site or group.is_main)
+                last_checkpoint = time.monotonic()
+        if not trainers:
+            raise UserError("the activation stream is empty: the data produced no tokens")
+        if state["step"] < train_cfg.steps:
+            if group.is_main and not checkpoint_exists(out):
+                (out / RUN_FILE).unlink()  # nothing to resume: let the same folder take a smaller run
+            raise UserError(
+                f"the data ran out after {state['step'] * train_cfg.batch_size} tokens of the {train_cfg.tokens} asked for; "
+                "give more data or fewer --tokens"
+            )
+        for site, trainer in trainers.items():
+            if by_site or group.is_main:
+                save_sae(folded_copy(trainer.sae), out / site)
+        all_summaries: dict[str, SiteSummary] = {}
+        for part in group.gather(summaries):
+            all_summaries |= part
+        metrics: dict[str, object] = {}
+        if group.is_main:
+            metrics = {
+                "steps": state["step"],
+                "tokens": state["step"] * train_cfg.batch_size,
+                "seconds_this_session": round(time.monotonic() - started, 3),
+                "sites": {site: asdict(all_summaries[site]) for site in sae_cfgs},
+            }
+            write_json(out / METRICS_FILE, metrics)
+            shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+        return group.broadcast(metrics)
+    finally:
+        release_workspace()  # up to batch × latents floats, not needed once training stops
 
 
 def checkpoint_exists(out: Path) -> bool:

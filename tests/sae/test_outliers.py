@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_evaluate import TEXT
 from test_topk import planted_atoms, planted_chunks
 
-from interlayer.activations import Chunk, check_outlier_norm, inlier_mask
+from interlayer.activations import Chunk, check_outlier_norm, inlier_mask, shuffled_rows
 from interlayer.distributed import SINGLE, ProcessGroup
 from interlayer.errors import UserError
 from interlayer.models import load_model
@@ -43,6 +44,10 @@ def test_inlier_mask_known_answer() -> None:
             check_outlier_norm(bad)
     with pytest.raises(UserError, match="outlier-norm"):
         TrainConfig(outlier_norm=0.5)
+
+
+def saved(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "sae.safetensors"))
 
 
 def clean_fvu(folder: Path) -> float:
@@ -103,3 +108,21 @@ def test_evaluation_leaves_outliers_out(tiny_models: dict[str, Path], tmp_path: 
     assert 0 < strict["tokens"] < everything["tokens"]  # about half the tokens lie above 1.05 × median
     assert strict["ce_clean"] == everything["ce_clean"]  # CE still covers every kept target
     assert strict["ce_sae"] != everything["ce_sae"]  # ... but only inliers are spliced
+
+
+def test_a_batch_left_with_under_two_tokens_takes_no_step(tmp_path: Path) -> None:
+    x_ND = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    x_ND[::2] *= 1000  # half the tokens are outliers: batches of 2 are often left with 0 or 1 tokens
+    chunk = Chunk(0, {"s": x_ND})
+    train = TrainConfig(tokens=64, batch_size=2, outlier_norm=10.0, checkpoint_seconds=1e9)
+    inliers_N = inlier_mask(x_ND, 10.0)
+    assert inliers_N.tolist() == [False, True] * 32
+    batches = list(shuffled_rows(chunk, 2, train.seed))
+    useful = sum(int(inliers_N[rows].sum()) == 2 for rows in batches)
+    assert len(batches) == 32 and 0 < useful < 32
+    cfg = {"s": SAEConfig(d_in=8, latents=16, k=2, site="s")}
+    metrics = train_saes(tmp_path, lambda start: iter([chunk][start:]), cfg, train, {})
+    assert metrics["steps"] == 32 and metrics["sites"]["s"]["steps"] == useful
+    assert all(bool(t.isfinite().all()) for t in saved(tmp_path / "s").values())
+    with pytest.raises(UserError, match="batch_size must be at least 2"):
+        TrainConfig(tokens=64, batch_size=1)

@@ -62,7 +62,7 @@ def test_topk_forward_equals_formula() -> None:
         out = sae.training_forward(x, None, 0)
     torch.testing.assert_close(out.x_hat_BD.detach(), x_hat_ref, rtol=1e-12, atol=1e-12)
     assert out.aux_hat_BD is None
-    assert out.l0 == pytest.approx(float((z_ref > 0).sum()) / 20)
+    assert out.active == float((z_ref > 0).sum())
     assert out.fired_F.tolist() == (z_ref > 0).any(0).tolist()
 
 
@@ -160,7 +160,7 @@ def test_batchtopk_training_keeps_k_times_batch() -> None:
     x_hat_ref = z_ref @ sae.W_dec_FD.detach() + sae.b_dec_D.detach()
     torch.testing.assert_close(out.x_hat_BD.detach(), x_hat_ref, rtol=1e-12, atol=1e-12)
     assert int((z_ref > 0).sum()) == K * B
-    assert out.l0 == K
+    assert out.active == K * B
     assert out.fired_F.tolist() == (z_ref > 0).any(0).tolist()
     # per-token counts vary (that is the point of BatchTopK) while the batch total is exact
     assert len(set((z_ref > 0).sum(1).tolist())) > 1
