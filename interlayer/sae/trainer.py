@@ -48,6 +48,8 @@ from interlayer.sae.topk import SparseAutoencoder, build_sae
 CHECKPOINT = "checkpoint"
 """The checkpoint folder of a run: ``state.json`` (the commit) and one safetensors file per site."""
 CHECKPOINT_STATE = "state.json"
+LEGACY_CHECKPOINT = "checkpoint.safetensors"
+"""The single-file checkpoint of interlayer 0.1 before per-site files; refused rather than ignored."""
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 
@@ -280,6 +282,11 @@ def train_saes(
     state = {"chunk": 0, "step": 0}
     trainers: dict[str, SiteTrainer] = {}
     summaries = {site: SiteSummary() for site in local_cfgs}
+    if (out / LEGACY_CHECKPOINT).exists():
+        raise UserError(
+            f"{out / LEGACY_CHECKPOINT} is a checkpoint of an older interlayer (one file for all sites); "
+            "finish the run with that version, or delete the file to restart it"
+        )
     if checkpoint_exists(out):
         state, trainers, summaries = _resume(out, local_cfgs, train_cfg, dev)
     group.barrier()  # every rank has read the checkpoint before rank 0 may replace it

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from interlayer.activations import Chunk
 from interlayer.errors import UserError
 from interlayer.sae import SAEConfig, TrainConfig, kernels
-from interlayer.sae.trainer import CHECKPOINT, CHECKPOINT_STATE, RUN_FILE, train_saes
+from interlayer.sae.trainer import CHECKPOINT, CHECKPOINT_STATE, LEGACY_CHECKPOINT, RUN_FILE, train_saes
 
 
 def chunks_of(data_ND: torch.Tensor, rows: int, stop_after: int | None = None):
@@ -75,3 +75,9 @@ def test_the_pre_activation_workspace_is_freed_after_training(tmp_path: Path) ->
     )
     assert min(held) >= TRAIN.batch_size * CFGS["s"].latents  # held while training
     assert kernels._WORKSPACE == {}  # released at the end
+
+
+def test_an_older_single_file_checkpoint_is_refused_not_ignored(tmp_path: Path) -> None:
+    save_file({"x": torch.zeros(1)}, str(tmp_path / LEGACY_CHECKPOINT))
+    with pytest.raises(UserError, match="checkpoint of an older interlayer"):
+        train_saes(tmp_path, chunks_of(DATA, 512), CFGS, TRAIN, {})
