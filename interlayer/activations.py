@@ -99,8 +99,9 @@ def model_chunks(
             keep = batch.keep_BT.to(lm.device)
             for name, tensor in acts.items():
                 parts[name].append(tensor[keep].float())
+        rows_per_batch = [int(batch.keep_BT.sum()) for batch in group]  # every rank tokenised every batch
         acts_by_site = {
-            site.name: _reassemble(parts[site.name], len(group), site.width, lm.device, deal)
+            site.name: _reassemble(parts[site.name], rows_per_batch, site.width, lm.device, deal)
             for site in sites
         }
         chunk = Chunk(index, acts_by_site)
@@ -110,18 +111,18 @@ def model_chunks(
 
 
 def _reassemble(
-    mine: list[torch.Tensor], batches: int, width: int, device: torch.device, deal: ProcessGroup
+    mine: list[torch.Tensor], rows_per_batch: list[int], width: int, device: torch.device, deal: ProcessGroup
 ) -> torch.Tensor:
-    """The rows of all ``batches`` in batch order, when batch i was computed by rank i mod W (``mine``: this
-    rank's batches, in order)."""
+    """The rows of every batch of the chunk in batch order, when batch i (``rows_per_batch[i]`` rows) was
+    computed by rank i mod W (``mine``: this rank's batches, in order)."""
     if deal.world == 1:
         return torch.cat(mine)
     local = torch.cat(mine) if mine else torch.zeros(0, width, device=device)
-    counts = deal.all_gather_rows(torch.tensor([len(t) for t in mine], dtype=torch.long, device=device))
     per_rank = [
-        rows.split(count.tolist()) for rows, count in zip(deal.all_gather_rows(local), counts, strict=True)
+        rows.split(rows_per_batch[rank :: deal.world])
+        for rank, rows in enumerate(deal.all_gather_rows(local))
     ]
-    return torch.cat([per_rank[i % deal.world][i // deal.world] for i in range(batches)])
+    return torch.cat([per_rank[i % deal.world][i // deal.world] for i in range(len(rows_per_batch))])
 
 
 def shuffled_rows(chunk: Chunk, batch_size: int, seed: int) -> Iterator[torch.Tensor]:

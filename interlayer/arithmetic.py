@@ -23,7 +23,6 @@ one is wrong.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import re
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 
-from interlayer.data import Document
+from interlayer.data import Document, hash_fraction
 from interlayer.errors import UserError
 
 SPLITS = ("train", "validation", "test")
@@ -82,7 +81,7 @@ class Problem:
 
 def split_of(question: str) -> str:
     """The split a question belongs to: "test", "validation" or "train" (the hash rule in the module doc)."""
-    u = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) / 2**32
+    u = hash_fraction(question)
     return "test" if u < _TEST_FRACTION else "validation" if u < _VALIDATION_FRACTION else "train"
 
 

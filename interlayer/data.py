@@ -71,9 +71,15 @@ class TokenBatch:
     """bool [B, T]; False at the tokenizer's special tokens (BOS, CLS, SEP, EOS, PAD, UNK, ...)."""
 
 
+def hash_fraction(key: str) -> float:
+    """``key``'s sha256, its first 32 bits read as a fraction of 2**32: a fixed, uniform-looking number in
+    [0, 1) that assigns a unit (file, question) to a split whatever the seed or order."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
+
+
 def _is_validation(key: str, val_fraction: float) -> bool:
-    """The split rule: ``key`` is held out iff its hash, read as a fraction of 2**32, is below ``val_fraction``."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction
+    """The split rule: ``key`` is held out iff :func:`hash_fraction` of it is below ``val_fraction``."""
+    return hash_fraction(key) < val_fraction
 
 
 def _in_split(key: str, split: str, val_fraction: float) -> bool:

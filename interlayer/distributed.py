@@ -150,6 +150,11 @@ def site_blocks(sites: Sequence[str], world: int) -> list[list[str]]:
 DISTRIBUTE_MODES = ("sites", "data")
 
 
+def local_sites(sites: Sequence[str], group: ProcessGroup, mode: str) -> list[str]:
+    """The sites this rank trains: its block of ``sites`` when sharing by sites, every site by data."""
+    return site_blocks(sites, group.world)[group.rank] if mode == "sites" else list(sites)
+
+
 def check_mode(mode: str, batch_size: int, world: int) -> None:
     """A :class:`UserError` unless ``mode`` is a known way to share work and the batch splits evenly."""
     if mode not in DISTRIBUTE_MODES:

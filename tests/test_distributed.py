@@ -113,9 +113,8 @@ class ScriptedRanks(ProcessGroup):
 def test_dealt_batches_are_reassembled_in_batch_order(batches: int) -> None:
     rows = [torch.full((2 + i, 3), float(i)) for i in range(batches)]  # batch i: 2 + i rows of value i
     mine, theirs = rows[0::2], rows[1::2]  # rank 0 ran batches 0, 2, 4; rank 1 batches 1, 3 (or none)
-    counts = torch.tensor([len(t) for t in theirs], dtype=torch.long)
-    scripted = ScriptedRanks([counts, torch.cat(theirs) if theirs else torch.zeros(0, 3)])
-    got = _reassemble(mine, batches, 3, torch.device("cpu"), scripted)
+    scripted = ScriptedRanks([torch.cat(theirs) if theirs else torch.zeros(0, 3)])
+    got = _reassemble(mine, [len(t) for t in rows], 3, torch.device("cpu"), scripted)
     assert torch.equal(got, torch.cat(rows))
 
 

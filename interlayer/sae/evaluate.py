@@ -128,12 +128,14 @@ def evaluate_saes(
         where_M2[:, 0] += n_contexts
         for name, sae in saes.items():
             result = results[name]
+            kept_MD = acts[name][keep_BT].float()
+            inlier_M = inlier_mask(kept_MD, outlier_norm)
             site_keep_BT = keep_BT.clone()
-            site_keep_BT[keep_BT] = inlier_mask(acts[name][keep_BT].float(), outlier_norm)
-            x_MD = acts[name][site_keep_BT].float()
+            site_keep_BT[keep_BT] = inlier_M
+            x_MD = kept_MD[inlier_M]
             z_MF = sae.encode(x_MD)
             result.reconstruction.update(x_MD, sae.decode(z_MF), z_MF)
-            result.contexts.update(z_MF, where_M2[site_keep_BT[keep_BT].cpu()])
+            result.contexts.update(z_MF, where_M2[inlier_M.cpu()])
             with splice(lm.model, {sites[name]: _replace_kept(site_keep_BT, sae)}):
                 spliced = _output(lm, lm.model(**inputs))
             with splice(lm.model, {sites[name]: _replace_kept(site_keep_BT, torch.zeros_like)}):

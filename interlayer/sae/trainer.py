@@ -37,7 +37,7 @@ import torch
 
 from interlayer.activations import Chunk, check_outlier_norm, inlier_mask, shuffled_rows
 from interlayer.atomic import read_json, read_tensors, write_json, write_tensors
-from interlayer.distributed import SINGLE, ProcessGroup, check_mode, site_blocks
+from interlayer.distributed import SINGLE, ProcessGroup, check_mode, local_sites
 from interlayer.errors import UserError
 from interlayer.models import pick_device
 from interlayer.sae.config import SAEConfig
@@ -255,8 +255,7 @@ def train_saes(
             "--distribute data supports topk SAEs only (BatchTopK selects over the whole batch); "
             "use --distribute sites"
         )
-    mine = site_blocks(list(sae_cfgs), group.world)[group.rank] if by_site else list(sae_cfgs)
-    local_cfgs = {s: sae_cfgs[s] for s in mine}
+    local_cfgs = {s: sae_cfgs[s] for s in local_sites(list(sae_cfgs), group, distribute)}
     shards = SINGLE if by_site else group
     per_rank = train_cfg.batch_size // shards.world
     rows = slice(shards.rank * per_rank, (shards.rank + 1) * per_rank)  # this rank's rows of every batch
@@ -298,21 +297,24 @@ def train_saes(
             missing = set(local_cfgs) - chunk.acts.keys()
             if missing:
                 raise UserError(f"the activation stream lacks site(s) {', '.join(sorted(missing))}")
-            inliers = {site: inlier_mask(chunk.acts[site], train_cfg.outlier_norm) for site in local_cfgs}
+            inliers = {  # only when filtering: otherwise every row is kept and no mask is built
+                site: inlier_mask(chunk.acts[site], train_cfg.outlier_norm)
+                for site in (local_cfgs if train_cfg.outlier_norm else ())
+            }
             if not trainers:
+                first = {s: chunk.acts[s][inliers[s]] if s in inliers else chunk.acts[s] for s in local_cfgs}
                 trainers = {
-                    site: SiteTrainer.start(cfg, train_cfg, chunk.acts[site][inliers[site]].to(dev), dev)
+                    site: SiteTrainer.start(cfg, train_cfg, first[site].to(dev), dev)
                     for site, cfg in local_cfgs.items()
                 }
+            chunk_device = next(iter(chunk.acts.values())).device
             for batch_B in shuffled_rows(chunk, train_cfg.batch_size, train_cfg.seed):
-                mine_R = batch_B[rows]
+                mine_R = batch_B[rows].to(chunk_device)
                 for site, trainer in trainers.items():
-                    acts_ND = chunk.acts[site]
-                    keep_R = mine_R.to(acts_ND.device)
-                    if train_cfg.outlier_norm:
-                        keep_R = keep_R[inliers[site][keep_R]]
+                    mask_N = inliers.get(site)
+                    keep_R = mine_R if mask_N is None else mine_R[mask_N[mine_R]]
                     lr = train_cfg.lr_for(trainer.sae.cfg.latents) * train_cfg.lr_factor(state["step"])
-                    stats = trainer.step(acts_ND[keep_R].to(dev), lr, shards)
+                    stats = trainer.step(chunk.acts[site][keep_R].to(dev), lr, shards)
                     if stats is not None:
                         summaries[site].update(stats)
                 state["step"] += 1

@@ -10,7 +10,7 @@ from typing import Any
 
 from interlayer.activations import ActivationCache, Chunk, ChunkPlan, model_chunks
 from interlayer.data import corpus_fingerprint
-from interlayer.distributed import SINGLE, ProcessGroup, check_mode, site_blocks
+from interlayer.distributed import SINGLE, ProcessGroup, local_sites
 from interlayer.errors import UserError
 from interlayer.models import LoadedModel, load_model
 from interlayer.sae.config import SAEConfig
@@ -92,11 +92,8 @@ def train_from_source(
     sae_cfgs = {
         name: replace(template, d_in=source.width, site=name, model=source.model) for name in source.sites
     }
-    check_mode(distribute, train_cfg.batch_size, group.world)
-    if distribute == "sites":
-        mine, deal = site_blocks(source.sites, group.world)[group.rank], SINGLE
-    else:
-        mine, deal = source.sites, group
+    mine = local_sites(source.sites, group, distribute)
+    deal = SINGLE if distribute == "sites" else group  # by data, ranks share the model batches
     return train_saes(
         out,
         lambda start: source.site_chunks(mine, start, deal),
