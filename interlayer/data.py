@@ -354,3 +354,13 @@ def corpus_fingerprint(spec: str) -> str:
         files = [path] if path.is_file() else _folder_files(path)
         parts += [f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def display_tokens(tokenizer: object, ids: list[int]) -> tuple[str, ...]:
+    """Tokens as a reader sees them: WordPiece continuations (``##ing``) lose their marks and other WordPiece
+    tokens gain a leading space; byte-level BPE tokens are decoded (``Ġthe`` → `` the``)."""
+    tokens = tokenizer.convert_ids_to_tokens(ids)  # type: ignore[attr-defined]
+    wordpiece = getattr(tokenizer, "cls_token", None) is not None
+    if wordpiece:
+        return tuple(t[2:] if t.startswith("##") else f" {t}" for t in tokens)
+    return tuple(tokenizer.convert_tokens_to_string([t]) for t in tokens)  # type: ignore[attr-defined]

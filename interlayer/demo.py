@@ -22,6 +22,7 @@ import torch
 
 from interlayer.activations import ChunkPlan, model_chunks
 from interlayer.atomic import write_json
+from interlayer.data import display_tokens
 from interlayer.models import LoadedModel, load_model
 from interlayer.progress import progress_bar
 from interlayer.report import (
@@ -35,12 +36,12 @@ from interlayer.report import (
 )
 from interlayer.sae.config import SAEConfig
 from interlayer.sae.evaluate import Evaluation, evaluate_saes, reconstruction_sweep
-from interlayer.sae.features import display_tokens
 from interlayer.sae.io import load_sae
 from interlayer.sae.topk import SparseAutoencoder
 from interlayer.sae.trainer import TrainConfig
-from interlayer.sae.training_run import model_source, train_from_source
+from interlayer.sae.training_run import train_from_source
 from interlayer.sites import resolve_sites
+from interlayer.sources import model_source
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,3 @@ class TopContexts:
             for v, (c, p) in zip(self.values_FN[feature], self.where_FN2[feature], strict=True)
             if v > 0
         ]
-
-
-def display_tokens(tokenizer: object, ids: list[int]) -> tuple[str, ...]:
-    """Tokens as a reader sees them: WordPiece continuations (``##ing``) lose their marks and other WordPiece
-    tokens gain a leading space; byte-level BPE tokens are decoded (``Ġthe`` → `` the``)."""
-    tokens = tokenizer.convert_ids_to_tokens(ids)  # type: ignore[attr-defined]
-    wordpiece = getattr(tokenizer, "cls_token", None) is not None
-    if wordpiece:
-        return tuple(t[2:] if t.startswith("##") else f" {t}" for t in tokens)
-    return tuple(tokenizer.convert_tokens_to_string([t]) for t in tokens)  # type: ignore[attr-defined]
