@@ -29,8 +29,8 @@ from peers import PeerResult, dense_matmul_tokens_per_s, evaluate, train_sae_len
 
 from interlayer.activations import ActivationCache, Chunk, ChunkPlan, cache_activations  # noqa: E402
 from interlayer.models import load_model  # noqa: E402
-from interlayer.sae.config import SAEConfig  # noqa: E402
 from interlayer.sae.io import load_sae  # noqa: E402
+from interlayer.sae.topk import TopKConfig  # noqa: E402
 from interlayer.sae.trainer import TrainConfig, train_saes  # noqa: E402
 
 SITE = "layers.3"
@@ -62,7 +62,7 @@ def train_ours(
     cfg = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, checkpoint_seconds=1e9)
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        train_saes(out, chunks, {SITE: SAEConfig(d_in=train_ND.shape[1], latents=latents, k=k)}, cfg, {})
+        train_saes(out, chunks, {SITE: TopKConfig(d_in=train_ND.shape[1], latents=latents, k=k)}, cfg, {})
         seconds = time.perf_counter() - started
         sae = load_sae(Path(out) / SITE)
     fvu, l0 = evaluate(lambda x: (sae(x), sae.encode(x)), heldout_ND)

@@ -34,10 +34,10 @@ from interlayer.report import (
     metrics_table,
     write_report,
 )
-from interlayer.sae.config import SAEConfig
+from interlayer.sae.base import SparseAutoencoder
 from interlayer.sae.evaluate import Evaluation, evaluate_saes, reconstruction_sweep
 from interlayer.sae.io import load_sae
-from interlayer.sae.topk import SparseAutoencoder
+from interlayer.sae.topk import TopKConfig
 from interlayer.sae.trainer import TrainConfig
 from interlayer.sae.training_run import train_from_source
 from interlayer.sites import resolve_sites
@@ -93,7 +93,7 @@ def sae_stage(ctx: DemoContext) -> list[Section]:
     train_cfg = TrainConfig(
         tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, checkpoint_seconds=60
     )
-    template = SAEConfig(d_in=source.width, latents=cfg.latents, k=cfg.k)
+    template = TopKConfig(d_in=source.width, latents=cfg.latents, k=cfg.k)
     run_dir = cfg.out / "saes"
     with progress_bar(f"training {len(source.sites)} SAEs", train_cfg.steps) as bar:
         train_from_source(run_dir, source, template, train_cfg, on_step=lambda step, _s: bar.show(step))

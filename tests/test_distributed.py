@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import SAE_CFGS, SITES, TRAIN, chunks
+from distributed_worker import SITES, TRAIN, chunks, sae_cfgs
 from safetensors.torch import load_file
 from test_cli import run_cli
 
@@ -61,24 +61,40 @@ def test_single_process_group_collectives_are_identities() -> None:
     assert SINGLE.broadcast({"x": 1}) == {"x": 1} and SINGLE.gather(3) == [3]
 
 
-@pytest.fixture(scope="module")
-def alone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The worker's run in this one process."""
-    out = tmp_path_factory.mktemp("alone")
-    train_saes(out, chunks, SAE_CFGS, TRAIN, {})
-    return out
+_ALONE: dict[str, Path] = {}
 
 
-@pytest.mark.parametrize(("mode", "atol"), [("sites", 0.0), ("data", 1e-4)])
+def alone(archs: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The worker's run of ``archs`` in this one process (trained once per test session)."""
+    if archs not in _ALONE:
+        out = tmp_path_factory.mktemp("alone")
+        train_saes(out, chunks, sae_cfgs(archs.split(",")), TRAIN, {})
+        _ALONE[archs] = out
+    return _ALONE[archs]
+
+
+# Every architecture is trained under both ways of sharing that its loss allows: BatchTopK and Matryoshka
+# select over the whole batch, so they are shared by sites only.
+@pytest.mark.parametrize(
+    ("mode", "archs", "atol"),
+    [
+        ("sites", "topk,topk,topk", 0.0),
+        ("data", "topk,topk,topk", 1e-4),
+        ("sites", "batchtopk,matryoshka,hierarchical", 0.0),
+        ("data", "hierarchical,kron,jumprelu", 1e-4),
+    ],
+)
 def test_two_ranks_match_one_process_and_resume_in_one(
-    mode: str, atol: float, alone: Path, tmp_path: Path
+    mode: str, archs: str, atol: float, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
-    want = json.loads((alone / METRICS_FILE).read_text())
-    assert all(want["sites"][site]["aux_loss"] > 0.01 for site in SITES)  # dead latents and AuxK in play
+    cfgs = sae_cfgs(archs.split(","))
+    want = json.loads((alone(archs, tmp_path_factory) / METRICS_FILE).read_text())
+    for site, cfg in cfgs.items():  # dead latents and AuxK in play (JumpReLU has no AuxK)
+        assert cfg.architecture == "jumprelu" or want["sites"][site]["aux_loss"] > 0, site
     shared = tmp_path / "shared"
-    result = torchrun(str(WORKER), str(shared), mode)
+    result = torchrun(str(WORKER), str(shared), mode, archs)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_saes(saes_of(shared, SITES), saes_of(alone, SITES), atol)
+    assert_same_saes(saes_of(shared, SITES), saes_of(alone(archs, tmp_path_factory), SITES), atol)
     got = json.loads((shared / METRICS_FILE).read_text())
     assert list(got["sites"]) == list(SITES) and got["steps"] == TRAIN.steps
     for site in SITES:  # the logged statistics are those of whole batches
@@ -88,14 +104,14 @@ def test_two_ranks_match_one_process_and_resume_in_one(
 
     # Killed when chunk 2 is due: the checkpoint after chunk 1 holds every site ...
     killed = tmp_path / "killed"
-    assert torchrun(str(WORKER), str(killed), mode, "2").returncode != 0
+    assert torchrun(str(WORKER), str(killed), mode, archs, "2").returncode != 0
     committed = json.loads((killed / CHECKPOINT / CHECKPOINT_STATE).read_text())
     assert committed["chunk"] == 2 and list(committed["sites"]) == list(SITES)
     files = sorted(entry["file"] for entry in committed["sites"].values())
     assert sorted(p.name for p in (killed / CHECKPOINT).iterdir()) == sorted([*files, CHECKPOINT_STATE])
     # ... and one process resumes it to the uninterrupted result.
-    train_saes(killed, chunks, SAE_CFGS, TRAIN, {})
-    assert_same_saes(saes_of(killed, SITES), saes_of(alone, SITES), atol)
+    train_saes(killed, chunks, cfgs, TRAIN, {})
+    assert_same_saes(saes_of(killed, SITES), saes_of(alone(archs, tmp_path_factory), SITES), atol)
 
 
 class ScriptedRanks(ProcessGroup):

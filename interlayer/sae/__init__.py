@@ -1,24 +1,44 @@
-"""Sparse autoencoders: configs, architectures (one line each in ``ARCHITECTURE_CLASSES``), the fused
-kernels, the trainer, the metrics and the folder format.
+"""Sparse autoencoders: one module per architecture (registered in one line in
+:data:`~interlayer.sae.architectures.ARCHITECTURES`), the fused kernels, the trainer, the metrics and the
+folder format.
 
 >>> from interlayer.sae import load_sae
 >>> sae = load_sae("runs/minilm/layers.3")
->>> x_hat = sae(x_ND)
+>>> x_hat = sae(x)            # x [..., d], any leading shape
+>>> z = sae.encode(x, k=8)    # codes at another budget, for architectures with a k
 """
 
+from interlayer.sae.architectures import ARCHITECTURES, build_sae, make_config
+from interlayer.sae.base import SparseAutoencoder
+from interlayer.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from interlayer.sae.config import SAEConfig
+from interlayer.sae.hierarchical import HierarchicalConfig, HierarchicalTopKSAE
 from interlayer.sae.io import load_sae, save_sae
-from interlayer.sae.topk import ARCHITECTURE_CLASSES, BatchTopKSAE, SparseAutoencoder, TopKSAE, build_sae
+from interlayer.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
+from interlayer.sae.kron import KronConfig, KronSAE
+from interlayer.sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
+from interlayer.sae.topk import TopKConfig, TopKSAE
 from interlayer.sae.trainer import TrainConfig
 
 __all__ = [
-    "ARCHITECTURE_CLASSES",
+    "ARCHITECTURES",
+    "BatchTopKConfig",
     "BatchTopKSAE",
+    "HierarchicalConfig",
+    "HierarchicalTopKSAE",
+    "JumpReLUConfig",
+    "JumpReLUSAE",
+    "KronConfig",
+    "KronSAE",
+    "MatryoshkaConfig",
+    "MatryoshkaSAE",
     "SAEConfig",
     "SparseAutoencoder",
+    "TopKConfig",
     "TopKSAE",
     "TrainConfig",
     "build_sae",
     "load_sae",
+    "make_config",
     "save_sae",
 ]

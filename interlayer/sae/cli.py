@@ -1,4 +1,9 @@
-"""``interlayer sae``: train and evaluate sparse autoencoders."""
+"""``interlayer sae``: train and evaluate sparse autoencoders.
+
+Defaults are never written twice: training options take theirs from :class:`~interlayer.sae.trainer.TrainConfig`
+(class attributes of the dataclass), and architecture options default to None, meaning "the architecture
+config's own default" (tests/sae/test_cli_options.py checks that every config field has its flag).
+"""
 
 from __future__ import annotations
 
@@ -21,8 +26,33 @@ from interlayer.cli_common import (
 )
 from interlayer.errors import UserError
 from interlayer.progress import progress_bar, stderr_console
+from interlayer.sae.architectures import ARCHITECTURES, config_fields, make_config
+from interlayer.sae.config import SAEConfig
+from interlayer.sae.trainer import TrainConfig
 
 sae_app = typer.Typer(help="Sparse autoencoders: train and evaluate.", no_args_is_help=True)
+
+T = TrainConfig  # defaults below are read from the dataclass, never restated
+
+
+def architecture_config(architecture: str, latents: int, options: dict[str, Any]) -> SAEConfig:
+    """The config of ``architecture`` (``d_in`` filled in per site later) from the options the user gave.
+
+    An option that ``architecture`` has no field for is a UserError naming it; so is a missing ``--k``.
+    """
+    given = {name: value for name, value in options.items() if value is not None}
+    if "k" in config_fields(architecture) and "k" not in given:
+        raise UserError(f"--k is required for a {architecture} SAE")
+    return make_config(architecture, d_in=1, latents=latents, **given)
+
+
+def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated whole numbers, got {text!r}") from None
 
 
 @sae_app.command("train")
@@ -31,7 +61,28 @@ def sae_train(
         Path, typer.Option("--out", help="Run folder: one SAE folder per site (rerun to resume).")
     ],
     latents: Annotated[int, typer.Option("--latents", help="Dictionary size F.")],
-    k: Annotated[int, typer.Option("--k", help="Active latents per token.")],
+    k: Annotated[
+        int | None,
+        typer.Option("--k", help="Active latents per token (HierarchicalTopK: the largest budget K)."),
+    ] = None,
+    architecture: Annotated[
+        str, typer.Option("--architecture", help=f"One of {', '.join(ARCHITECTURES)}.")
+    ] = "topk",
+    prefixes: Annotated[
+        str | None, typer.Option("--prefixes", help="matryoshka: increasing widths ending at --latents.")
+    ] = None,
+    heads: Annotated[int | None, typer.Option("--heads", help="kron: heads h (h·m·n = latents).")] = None,
+    m: Annotated[int | None, typer.Option("--m", help="kron: p factors per head (m ≤ n).")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="kron: q factors per head.")] = None,
+    l0_coefficient: Annotated[
+        float | None, typer.Option("--l0-coefficient", help="jumprelu: λ, the L0 price in units of FVU.")
+    ] = None,
+    bandwidth: Annotated[
+        float | None, typer.Option("--bandwidth", help="jumprelu: straight-through kernel width ε.")
+    ] = None,
+    initial_threshold: Annotated[
+        float | None, typer.Option("--initial-threshold", help="jumprelu: θ at initialisation.")
+    ] = None,
     model: Annotated[
         str | None, typer.Option("--model", help="HF id, local folder, 'minilm' or 'zoo:NAME'.")
     ] = None,
@@ -43,23 +94,32 @@ def sae_train(
         Path | None,
         typer.Option("--activations", help="Train from this activation cache instead of a model."),
     ] = None,
-    tokens: Annotated[int, typer.Option("--tokens", help="Training tokens per SAE.")] = 2_000_000,
-    architecture: Annotated[str, typer.Option("--architecture", help="topk or batchtopk.")] = "topk",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Tokens per optimiser step.")] = 4096,
+    tokens: Annotated[int, typer.Option("--tokens", help="Training tokens per SAE.")] = T.tokens,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Tokens per optimiser step.")
+    ] = T.batch_size,
     lr: Annotated[
         float | None, typer.Option("--lr", help="Peak Adam lr; default 4e-3·(F/2^14)^(-1/4).")
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    ] = T.lr,
+    lr_decay_fraction: Annotated[
+        float, typer.Option("--lr-decay-fraction", help="Final fraction of steps over which lr decays to 0.")
+    ] = T.lr_decay_fraction,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds initialisation and data order.")] = T.seed,
+    aux_alpha: Annotated[float, typer.Option("--aux-alpha", help="Weight of the AuxK loss.")] = T.aux_alpha,
+    k_aux: Annotated[
+        int | None, typer.Option("--k-aux", help="Dead latents AuxK uses per token; default d/2.")
+    ] = T.k_aux,
     dead_tokens: Annotated[
-        int, typer.Option("--dead-tokens", help="Tokens without firing before a latent counts as dead.")
-    ] = 1_000_000,
+        int,
+        typer.Option("--dead-tokens", help="Tokens without firing before AuxK treats a latent as inactive."),
+    ] = T.dead_tokens,
     normalise: Annotated[
         bool, typer.Option("--normalise/--no-normalise", help="Scale inputs to E‖x‖² = d in training.")
-    ] = True,
+    ] = T.normalise,
     checkpoint_seconds: Annotated[
         float, typer.Option("--checkpoint-seconds", help="Min seconds between checkpoints.")
-    ] = 120.0,
-    outlier_norm: OutlierOpt = 0.0,
+    ] = T.checkpoint_seconds,
+    outlier_norm: OutlierOpt = T.outlier_norm,
     context_len: ContextOpt = 128,
     model_batch_size: ModelBatchOpt = 32,
     chunk_batches: ChunkOpt = 8,
@@ -78,19 +138,30 @@ def sae_train(
     """Train one SAE per site from one model forward (or from an activation cache)."""
     from interlayer.activations import ChunkPlan
     from interlayer.distributed import process_group, rank_device
-    from interlayer.sae.config import SAEConfig
-    from interlayer.sae.trainer import TrainConfig
     from interlayer.sae.training_run import train_from_source
     from interlayer.sources import activation_source
 
+    template = architecture_config(
+        architecture,
+        latents,
+        {
+            "k": k,
+            "prefixes": _int_list(prefixes, "--prefixes"),
+            "heads": heads,
+            "m": m,
+            "n": n,
+            "l0_coefficient": l0_coefficient,
+            "bandwidth": bandwidth,
+            "initial_threshold": initial_threshold,
+        },
+    )
+    train_cfg = TrainConfig(
+        tokens=tokens, batch_size=batch_size, lr=lr, lr_decay_fraction=lr_decay_fraction, seed=seed,
+        aux_alpha=aux_alpha, k_aux=k_aux, dead_tokens=dead_tokens, normalise=normalise,
+        checkpoint_seconds=checkpoint_seconds, outlier_norm=outlier_norm,
+    )  # fmt: skip
     group = process_group(device)  # several processes under torchrun: each trains a block of sites
     device = rank_device(device)
-
-    train_cfg = TrainConfig(
-        tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, dead_tokens=dead_tokens,
-        normalise=normalise, checkpoint_seconds=checkpoint_seconds, outlier_norm=outlier_norm,
-    )  # fmt: skip
-    template = SAEConfig(d_in=1, latents=latents, k=k, architecture=architecture)
     plan = ChunkPlan(context_len, model_batch_size, chunk_batches)
     source = activation_source(
         model=model, sites=sites, data=data, activations=activations, plan=plan, device=device, dtype=dtype
@@ -109,7 +180,7 @@ def sae_train(
     if not group.is_main:
         return
     if not as_json:
-        rows = [{"site": site, **values} for site, values in metrics["sites"].items()]  # type: ignore[attr-defined]
+        rows = [{"site": site, **values} for site, values in metrics["sites"].items()]
         stderr_console.print(table(f"trained SAEs in {out}", rows))
     emit({"out": str(out), **metrics}, as_json)
 
@@ -119,12 +190,33 @@ def _status(summaries: dict[str, Any]) -> str:
     return f"fvu {first.fvu:.3f} l0 {first.l0:.1f}"
 
 
+def recorded_data(sae: Path) -> str | None:
+    """The ``--data`` of the training run that wrote ``sae`` (a run folder or one SAE folder in it), if known."""
+    from interlayer.atomic import read_json
+    from interlayer.sae.trainer import RUN_FILE
+
+    for folder in (sae, sae.parent):
+        if (folder / RUN_FILE).is_file():
+            data = read_json(folder / RUN_FILE, "run settings").get("data")
+            return str(data) if data else None
+    return None
+
+
 @sae_app.command("eval")
 def sae_eval(
     sae: Annotated[Path, typer.Option("--sae", help="An SAE folder, or a run folder holding one per site.")],
     model: Annotated[str | None, typer.Option("--model", help="Default: the model in cfg.json.")] = None,
-    data: DataOpt = "stdlib:docs",
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Evaluation text; default: the run's own --data (else stdlib:docs)."),
+    ] = None,
     tokens: Annotated[int, typer.Option("--tokens", help="Evaluation tokens (validation split).")] = 20_000,
+    k_eval: Annotated[
+        str | None,
+        typer.Option(
+            "--k-eval", help="Comma-separated budgets k: every metric at each (architectures with a k)."
+        ),
+    ] = None,
     context_len: ContextOpt = 128,
     model_batch_size: ModelBatchOpt = 16,
     device: DeviceOpt = "cpu",
@@ -149,24 +241,39 @@ def sae_eval(
         if site in saes:
             raise UserError(f"two SAEs for site {site} under {sae}; pass one SAE folder with --sae")
         saes[site] = loaded
+    budgets: list[int | None] = list(_int_list(k_eval, "--k-eval") or ()) or [None]
+    for k in budgets:
+        for loaded in saes.values():
+            loaded.check_k(k)
+    data = data or recorded_data(sae) or "stdlib:docs"
     model = model or next(iter(saes.values())).cfg.model
     if not model:
         raise UserError("the SAE's cfg.json names no model; pass --model")
     lm = load_model(model, device=device, dtype=dtype)
-    with progress_bar("evaluating", tokens) as bar:
-        evaluation = evaluate_saes(
-            lm,
-            saes,
-            data,
-            tokens,
-            context_len,
-            model_batch_size,
-            on_batch=lambda n: bar.advance(n),
-            outlier_norm=outlier_norm,
-        )
-    results = {site: evaluation.metrics(site) for site in saes}
+    by_k: dict[str, dict[str, dict[str, float]]] = {}
+    for k in budgets:
+        label = "trained" if k is None else f"k={k}"
+        with progress_bar(f"evaluating ({label})", tokens) as bar:
+            evaluation = evaluate_saes(
+                lm,
+                saes,
+                data,
+                tokens,
+                context_len,
+                model_batch_size,
+                on_batch=lambda n: bar.advance(n),
+                outlier_norm=outlier_norm,
+                k=k,
+            )
+        by_k[str(k)] = {site: evaluation.metrics(site) for site in saes}
+    rows = [{"site": s, "k": k, **m} for k, results in by_k.items() for s, m in results.items()]
     if not as_json:
-        stderr_console.print(
-            table(f"SAE metrics on {data} (validation)", [{"site": s, **m} for s, m in results.items()])
-        )
-    emit({"model": model, "data": data, "outlier_norm": outlier_norm, "sites": results}, as_json)
+        if budgets == [None]:
+            rows = [{key: v for key, v in row.items() if key != "k"} for row in rows]
+        stderr_console.print(table(f"SAE metrics on {data} (validation)", rows))
+    summary: dict[str, Any] = {"model": model, "data": data, "outlier_norm": outlier_norm}
+    if budgets == [None]:
+        summary["sites"] = by_k["None"]
+    else:
+        summary["by_k"] = by_k
+    emit(summary, as_json)

@@ -1,28 +1,35 @@
-"""The configuration of one sparse autoencoder: the object behind ``cfg.json`` and the CLI flags."""
+"""What an SAE is: the fields every architecture shares, and the base of each architecture's own config.
+
+Each architecture module defines a frozen dataclass deriving from :class:`SAEConfig` (or :class:`KConfig` when
+it keeps k latents per token) that adds its own fields and their validation; the registry
+(:mod:`interlayer.sae.architectures`) maps the ``architecture`` name written in ``cfg.json`` to that module's
+SAE class, whose ``config_class`` reads the file back. Every config is keyword-only.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from interlayer.errors import UserError
 
-FORMAT_VERSION = 1
-ARCHITECTURES = ("topk", "batchtopk")
+FORMAT_VERSION = 2
+"""Folder-format version. 1: interlayer 0.1 (topk and batchtopk only; read unchanged). 2: per-architecture
+config fields (k is absent for architectures without one)."""
+
+NORMALISATIONS = ("none", "mean_squared_norm")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SAEConfig:
-    """What an SAE is; written as ``cfg.json`` beside ``sae.safetensors``."""
+    """Fields every SAE has; written as ``cfg.json`` beside ``sae.safetensors``."""
 
     d_in: int
     """Width of the activations it reads (the site's width)."""
     latents: int
     """Dictionary size F."""
-    k: int
-    """Active latents per token (TopK), or the mean per token over a batch (BatchTopK)."""
-    architecture: str = "topk"
-    """``topk`` or ``batchtopk`` (BatchTopK in training, a JumpReLU with its learned threshold at inference)."""
+    architecture: str = ""
+    """The registry name of the architecture (each architecture's config sets its own default)."""
     site: str = ""
     """The site it was trained on, e.g. ``layers.3``."""
     model: str = ""
@@ -36,36 +43,43 @@ class SAEConfig:
     """Folder-format version."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise UserError(
-                f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}"
-            )
-        for name in ("d_in", "latents", "k"):
+        for name in ("d_in", "latents"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.k > self.latents:
-            raise UserError(f"k ({self.k}) must not exceed latents ({self.latents})")
-        if self.normalisation not in ("none", "mean_squared_norm"):
+        if self.normalisation not in NORMALISATIONS:
             raise UserError(
-                f"normalisation must be 'none' or 'mean_squared_norm', got {self.normalisation!r}"
+                f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {self.normalisation!r}"
             )
         if not self.input_scale > 0:
             raise UserError(f"input_scale must be positive, got {self.input_scale}")
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def k_max(self) -> int | None:
+        """The largest k that :meth:`SparseAutoencoder.encode` accepts, or None for an architecture with no k."""
+        return None
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any], source: str = "cfg.json") -> SAEConfig:
-        known = {f.name for f in fields(cls)}
-        missing = {"d_in", "latents", "k"} - data.keys()
-        if missing:
-            raise UserError(f"{source} lacks the field(s) {', '.join(sorted(missing))}")
-        version = data.get("version", FORMAT_VERSION)
-        if not isinstance(version, int):
-            raise UserError(f"{source}: version must be an integer, got {version!r}")
-        if version > FORMAT_VERSION:
-            raise UserError(
-                f"{source} has format version {data['version']}; this interlayer reads up to {FORMAT_VERSION}"
-            )
-        return cls(**{key: value for key, value in data.items() if key in known})
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name, value in data.items():
+            if isinstance(value, tuple):
+                data[name] = list(value)
+        return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class KConfig(SAEConfig):
+    """An architecture that keeps k latents per token (exactly, or on average over a batch)."""
+
+    k: int
+    """Active latents per token."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 1:
+            raise UserError(f"k must be at least 1, got {self.k}")
+        if self.k > self.latents:
+            raise UserError(f"k ({self.k}) must not exceed latents ({self.latents})")
+
+    @property
+    def k_max(self) -> int | None:
+        return self.latents

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -15,6 +16,7 @@ from interlayer.activations import check_outlier_norm, inlier_mask
 from interlayer.data import iter_documents, token_batches
 from interlayer.errors import UserError
 from interlayer.models import LoadedModel
+from interlayer.sae.base import SparseAutoencoder
 from interlayer.sae.features import TopContexts
 from interlayer.sae.metrics import (
     ReconstructionMetrics,
@@ -23,7 +25,6 @@ from interlayer.sae.metrics import (
     next_token_ce_sum,
     pooled_embedding,
 )
-from interlayer.sae.topk import SparseAutoencoder, TopKSAE
 from interlayer.sites import Site, capture, resolve_sites, splice
 
 
@@ -99,17 +100,21 @@ def evaluate_saes(
     split: str = "validation",
     on_batch: Callable[[int], None] | None = None,
     outlier_norm: float = 0.0,
+    k: int | None = None,
 ) -> Evaluation:
     """Evaluate each SAE (keyed by site name) on about ``tokens`` kept tokens of ``data``'s ``split``.
 
     With ``outlier_norm`` > 0, tokens whose norm at a site exceeds that multiple of the median norm of the
     batch's kept tokens there are left out of that SAE's reconstruction metrics and are not spliced (CE and
-    KL still cover every kept target, as the clean model sees it).
+    KL still cover every kept target, as the clean model sees it). With ``k``, every SAE keeps its top k
+    latents per token (architectures with a k; see :meth:`SparseAutoencoder.check_k`). The SAE's own forward
+    (:meth:`SparseAutoencoder.reconstruct`) gives both x̂ and the codes.
     """
     check_outlier_norm(outlier_norm)
     sites = {site.name: site for site in resolve_sites(lm.model, list(saes))}
     for name, sae in saes.items():
         check_sae_fits(sae, sites[name], name)
+        sae.check_k(k)
     results = {
         name: SiteEvaluation(ReconstructionMetrics(sae.cfg.latents), TopContexts(sae.cfg.latents))
         for name, sae in saes.items()
@@ -133,10 +138,10 @@ def evaluate_saes(
             site_keep_BT = keep_BT.clone()
             site_keep_BT[keep_BT] = inlier_M
             x_MD = kept_MD[inlier_M]
-            z_MF = sae.encode(x_MD)
-            result.reconstruction.update(x_MD, sae.decode(z_MF), z_MF)
+            x_hat_MD, z_MF = sae.reconstruct(x_MD, k)
+            result.reconstruction.update(x_MD, x_hat_MD, z_MF)
             result.contexts.update(z_MF, where_M2[inlier_M.cpu()])
-            with splice(lm.model, {sites[name]: _replace_kept(site_keep_BT, sae)}):
+            with splice(lm.model, {sites[name]: _replace_kept(site_keep_BT, partial(sae, k=k))}):
                 spliced = _output(lm, lm.model(**inputs))
             with splice(lm.model, {sites[name]: _replace_kept(site_keep_BT, torch.zeros_like)}):
                 zeroed = _output(lm, lm.model(**inputs))
@@ -173,14 +178,12 @@ def _output(lm: LoadedModel, out: object) -> torch.Tensor:
 def reconstruction_sweep(
     sae: SparseAutoencoder, x_ND: torch.Tensor, ks: list[int]
 ) -> list[tuple[float, float]]:
-    """(L0, pooled EV) of a TopK SAE evaluated at each k in ``ks`` on the activations ``x_ND``."""
-    if not isinstance(sae, TopKSAE):
-        raise UserError(f"the k sweep needs a TopK SAE, got {sae.cfg.architecture}")
+    """(L0, pooled EV) of ``sae`` keeping its top k latents, for each k in ``ks``, on the activations ``x_ND``."""
     points = []
     for k in ks:
         metrics = ReconstructionMetrics(sae.cfg.latents)
-        z = sae.encode(x_ND, k=k)
-        metrics.update(x_ND, sae.decode(z), z)
+        x_hat, z = sae.reconstruct(x_ND, k)
+        metrics.update(x_ND, x_hat, z)
         result = metrics.result()
         points.append((result["l0"], result["explained_variance"]))
     return points

@@ -90,15 +90,32 @@ class FusedTopKEncode(torch.autograd.Function):
         if not parts_g:
             return None, None, None, None, None, None
         g_BS = torch.cat(parts_g, dim=1).to(x_BD.dtype)
-        i_BS = torch.cat(parts_i, dim=1)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(i_BS, W_enc_FD, per_sample_weights=g_BS, mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_W = torch.sparse.mm(_selection_matrix(g_BS, i_BS, W_enc_FD.shape[0]), x_BD)
-        if ctx.needs_input_grad[2]:
-            grad_b = W_enc_FD.new_zeros(W_enc_FD.shape[0]).index_add_(0, i_BS.reshape(-1), g_BS.reshape(-1))
+        grad_x, grad_W, grad_b = sparse_linear_backward(
+            g_BS, torch.cat(parts_i, dim=1), x_BD, W_enc_FD, ctx.needs_input_grad[:3]
+        )
         return grad_x, grad_W, grad_b, None, None, None
+
+
+def sparse_linear_backward(
+    g_BS: torch.Tensor,
+    i_BS: torch.Tensor,
+    x_BD: torch.Tensor,
+    W_GD: torch.Tensor,
+    needs: tuple[bool, ...] = (True, True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of pre = x Wᵀ + b when ∂L/∂pre is sparse: g[b, s] at column i[b, s] (duplicates summed).
+
+    Returns (∂L/∂x = Σ_s g_bs W[i_bs], ∂L/∂W[g] = Σ_{b,s: i_bs = g} g_bs x_b, ∂L/∂b[g] = Σ g_bs), each None
+    where ``needs`` says it is not wanted.
+    """
+    grad_x = grad_W = grad_b = None
+    if needs[0]:
+        grad_x = F.embedding_bag(i_BS, W_GD, per_sample_weights=g_BS, mode="sum")
+    if needs[1]:
+        grad_W = torch.sparse.mm(_selection_matrix(g_BS, i_BS, W_GD.shape[0]), x_BD)
+    if needs[2]:
+        grad_b = W_GD.new_zeros(W_GD.shape[0]).index_add_(0, i_BS.reshape(-1), g_BS.reshape(-1))
+    return grad_x, grad_W, grad_b
 
 
 def _selection_matrix(g_BS: torch.Tensor, i_BS: torch.Tensor, latents: int) -> torch.Tensor:

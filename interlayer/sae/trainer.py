@@ -1,9 +1,13 @@
 """Train one SAE per site from a shared stream of activation chunks, resumably.
 
-Per step, for a batch x (scaled by c when normalising, so that E‖c·x‖² = d):
-    L = Σ‖x − x̂‖² / Σ‖x − x̄‖²  +  α · min(n_dead / k_aux, 1) · Σ‖e − ê‖² / Σ‖x − x̄‖²,
-with e = x − x̂ (detached), ê the AuxK reconstruction from the top k_aux (= d/2) pre-activations among
-latents that have not fired for ``dead_tokens`` tokens, x̄ the batch mean and α = 1/32.
+Per step, for a batch x of B rows (scaled by c when normalising, so that E‖c·x‖² = d):
+    L = S / Σ‖x − x̄‖²  +  α · min(n_dead / k_aux, 1) · Σ‖e − ê‖² / Σ‖x − x̄‖²  +  P / B,
+with S the architecture's reconstruction term (TopK: Σ‖x − x̂‖²; see each architecture's module), e = x − x̂
+(detached), ê the AuxK reconstruction from the top k_aux (= d/2) pre-activations among latents that have
+not fired for ``dead_tokens`` tokens (architectures without AuxK return none), x̄ the batch mean, α = 1/32,
+and P the architecture's penalty summed over rows (JumpReLU's λ·L0; 0 for the others). The loop, the
+optimiser, checkpoints, dead-latent counters and distributed reductions live here; nothing in this module
+depends on the architecture (:class:`~interlayer.sae.base.TrainingOutput` carries the terms).
 
 Adam with peak lr = 4e-3 · (F / 2^14)^(-1/4) unless given, constant, then linearly to 0 over the last 20% of
 the steps. This is measured, not the OpenAI rule 2e-4 / sqrt(F / 2^14), which trains far too slowly on
@@ -40,10 +44,11 @@ from interlayer.atomic import read_json, read_tensors, write_json, write_tensors
 from interlayer.distributed import SINGLE, ProcessGroup, check_mode, local_sites
 from interlayer.errors import UserError
 from interlayer.models import pick_device
+from interlayer.sae.architectures import build_sae, sae_class
+from interlayer.sae.base import SparseAutoencoder
 from interlayer.sae.config import SAEConfig
 from interlayer.sae.io import folded_copy, save_sae
 from interlayer.sae.kernels import release_workspace
-from interlayer.sae.topk import SparseAutoencoder, build_sae
 
 CHECKPOINT = "checkpoint"
 """The checkpoint folder of a run: ``state.json`` (the commit) and one safetensors file per site."""
@@ -157,13 +162,15 @@ class SiteTrainer:
         out = self.sae.training_forward(x_BD, dead_F, self.k_aux)
         mean_D = shards.all_reduce_(x_BD.sum(0)) / rows
         total_var = shards.all_reduce_((x_BD - mean_D).pow(2).sum())
-        fvu = (out.x_hat_BD - x_BD).pow(2).sum() / total_var
-        loss = fvu
+        loss = out.recon_loss / total_var
+        fvu = (out.x_hat_BD.detach() - x_BD).pow(2).sum() / total_var
         aux = torch.zeros((), device=x_BD.device)
         if out.aux_hat_BD is not None:
             residual_BD = (x_BD - out.x_hat_BD).detach()
             aux = (out.aux_hat_BD - residual_BD).pow(2).sum() / total_var
             loss = loss + self.cfg.aux_alpha * min(int(dead_F.sum()) / self.k_aux, 1.0) * aux
+        if out.penalty is not None:
+            loss = loss + out.penalty / rows
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for param in self.sae.parameters():
@@ -184,7 +191,7 @@ class SiteTrainer:
             "fvu": fvu_sum,
             "aux_loss": aux_sum,
             "l0": active / rows,
-            "dead_fraction": float(dead_F.float().mean()),
+            "inactive_fraction": float(dead_F.float().mean()),
         }
 
     def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -214,7 +221,9 @@ class SiteSummary:
 
     fvu: float = 1.0
     l0: float = 0.0
-    dead_fraction: float = 0.0
+    inactive_fraction: float = 0.0
+    """Latents that have not fired in the last ``dead_tokens`` training tokens (the set AuxK draws on); not
+    the evaluation's ``dead_latents``, which never fired on the whole evaluation set."""
     aux_loss: float = 0.0
     steps: int = 0
     """Optimiser steps taken (a batch emptied by the outlier filter takes none)."""
@@ -250,10 +259,11 @@ def train_saes(
     dev = pick_device(device)
     check_mode(distribute, train_cfg.batch_size, group.world)
     by_site = distribute == "sites"
-    if not by_site and any(cfg.architecture != "topk" for cfg in sae_cfgs.values()):
+    coupled = sorted({c.architecture for c in sae_cfgs.values() if sae_class(c.architecture).batch_coupled})
+    if not by_site and coupled:
         raise UserError(
-            "--distribute data supports topk SAEs only (BatchTopK selects over the whole batch); "
-            "use --distribute sites"
+            f"--distribute data cannot train {', '.join(coupled)} SAEs (they select over the whole batch, "
+            "which no process sees); use --distribute sites"
         )
     local_cfgs = {s: sae_cfgs[s] for s in local_sites(list(sae_cfgs), group, distribute)}
     shards = SINGLE if by_site else group
@@ -378,7 +388,10 @@ def _resume(
             entry = committed["sites"][site]
             trainers[site] = SiteTrainer(cfg, train_cfg, float(entry["input_scale"]), dev)
             trainers[site].load_state_tensors(read_tensors(folder / entry["file"], "checkpoint"), "")
-            summaries[site] = SiteSummary(**entry["summary"])
+            summary = dict(entry["summary"])
+            if "dead_fraction" in summary:  # checkpoints of interlayer 0.1
+                summary["inactive_fraction"] = summary.pop("dead_fraction")
+            summaries[site] = SiteSummary(**summary)
         return state, trainers, summaries
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise UserError(

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from interlayer.data import Document, token_batches
 from interlayer.models import load_model
-from interlayer.sae import SAEConfig, TopKSAE
+from interlayer.sae import TopKConfig, TopKSAE
 from interlayer.sae.evaluate import evaluate_saes
 from interlayer.sites import capture, resolve_sites, splice
 
@@ -26,7 +26,7 @@ def corpus(tmp_path):
 
 
 def random_sae(width: int, site: str) -> TopKSAE:
-    sae = TopKSAE(SAEConfig(d_in=width, latents=48, k=6, site=site))
+    sae = TopKSAE(TopKConfig(d_in=width, latents=48, k=6, site=site))
     sae.initialise_(torch.Generator().manual_seed(1))
     return sae.eval().requires_grad_(False)
 
@@ -92,7 +92,7 @@ def test_identity_sae_recovers_everything_on_an_encoder(tiny_models, corpus):
     large negative-free shift we check the pooled cosine of the splice is 1 and the EV is 1."""
     lm = load_model(str(tiny_models["bert"]))
     width = lm.d_model
-    sae = TopKSAE(SAEConfig(d_in=width, latents=2 * width, k=2 * width))
+    sae = TopKSAE(TopKConfig(d_in=width, latents=2 * width, k=2 * width))
     eye = torch.eye(width)
     sae.W_enc_FD.copy_(torch.cat([eye, -eye]))
     sae.W_dec_FD.copy_(torch.cat([eye, -eye]))

@@ -10,17 +10,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from interlayer.errors import UserError
-from interlayer.sae.config import FORMAT_VERSION, SAEConfig
+from interlayer.sae.architectures import build_sae, config_from_json, make_config
+from interlayer.sae.batchtopk import BatchTopKSAE
+from interlayer.sae.config import FORMAT_VERSION
 from interlayer.sae.io import CFG_FILE, WEIGHTS_FILE, folded_copy, load_sae, save_sae
-from interlayer.sae.topk import BatchTopKSAE, TopKSAE, build_sae
+from interlayer.sae.topk import TopKConfig, TopKSAE
 
 D, F, K = 10, 24, 3
 
 
 def random_sae(architecture: str, seed: int = 0, **cfg_kw) -> TopKSAE | BatchTopKSAE:
-    cfg = SAEConfig(
-        d_in=D, latents=F, k=K, architecture=architecture, site="layers.2", model="zoo:tiny", **cfg_kw
-    )
+    cfg = make_config(architecture, d_in=D, latents=F, k=K, site="layers.2", model="zoo:tiny", **cfg_kw)
     sae = build_sae(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_cfg_json_fields(tmp_path: Path) -> None:
     assert (cfg["site"], cfg["model"]) == ("layers.2", "zoo:tiny")
     assert cfg["normalisation"] == "mean_squared_norm"
     assert cfg["version"] == FORMAT_VERSION
-    assert SAEConfig.from_json(cfg) == sae.cfg
+    assert config_from_json(cfg) == sae.cfg
 
 
 def test_wrong_shape_names_file_and_dimension(tmp_path: Path) -> None:
@@ -119,27 +119,27 @@ def test_missing_files_are_user_errors(tmp_path: Path) -> None:
 
 def test_config_validation() -> None:
     with pytest.raises(UserError, match="k"):
-        SAEConfig(d_in=4, latents=8, k=9)
-    SAEConfig(d_in=4, latents=8, k=8)  # k == latents is allowed
+        TopKConfig(d_in=4, latents=8, k=9)
+    TopKConfig(d_in=4, latents=8, k=8)  # k == latents is allowed
     with pytest.raises(UserError, match="architecture"):
-        SAEConfig(d_in=4, latents=8, k=2, architecture="relu")
+        make_config("relu", d_in=4, latents=8, k=2)
     with pytest.raises(UserError, match="d_in"):
-        SAEConfig(d_in=0, latents=8, k=2)
+        TopKConfig(d_in=0, latents=8, k=2)
     with pytest.raises(UserError, match="normalisation"):
-        SAEConfig(d_in=4, latents=8, k=2, normalisation="layernorm")
+        TopKConfig(d_in=4, latents=8, k=2, normalisation="layernorm")
     with pytest.raises(UserError, match="input_scale"):
-        SAEConfig(d_in=4, latents=8, k=2, input_scale=0.0)
+        TopKConfig(d_in=4, latents=8, k=2, input_scale=0.0)
 
 
 def test_from_json_missing_fields_and_newer_version() -> None:
     with pytest.raises(UserError) as info:
-        SAEConfig.from_json({"d_in": 4, "architecture": "topk"}, source="x/cfg.json")
+        config_from_json({"d_in": 4, "architecture": "topk"}, source="x/cfg.json")
     assert "x/cfg.json" in str(info.value) and "k" in str(info.value) and "latents" in str(info.value)
     with pytest.raises(UserError, match="version"):
-        SAEConfig.from_json({"d_in": 4, "latents": 8, "k": 2, "version": FORMAT_VERSION + 1})
+        config_from_json({"d_in": 4, "latents": 8, "k": 2, "version": FORMAT_VERSION + 1})
     # unknown fields (from a newer writer of the same version) are ignored
-    cfg = SAEConfig.from_json({"d_in": 4, "latents": 8, "k": 2, "future_field": 1})
-    assert cfg == SAEConfig(d_in=4, latents=8, k=2)
+    cfg = config_from_json({"d_in": 4, "latents": 8, "k": 2, "future_field": 1})
+    assert cfg == TopKConfig(d_in=4, latents=8, k=2)
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])

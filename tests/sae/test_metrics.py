@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interlayer.sae.config import SAEConfig
+from interlayer.sae.architectures import build_sae
 from interlayer.sae.evaluate import reconstruction_sweep
 from interlayer.sae.features import TopContexts
 from interlayer.sae.metrics import (
@@ -18,7 +18,7 @@ from interlayer.sae.metrics import (
     next_token_ce_sum,
     pooled_embedding,
 )
-from interlayer.sae.topk import build_sae
+from interlayer.sae.topk import TopKConfig
 
 SIZES = (7, 23, 11, 19)  # uneven batches, 60 tokens in all
 N, D, LAT = sum(SIZES), 8, 10
@@ -217,7 +217,7 @@ def test_top_contexts_keeps_true_top_n() -> None:
 
 
 def test_reconstruction_sweep_matches_manual_ev() -> None:
-    sae = build_sae(SAEConfig(d_in=D, latents=32, k=4))
+    sae = build_sae(TopKConfig(d_in=D, latents=32, k=4))
     sae.initialise_(torch.Generator().manual_seed(7))
     sae.requires_grad_(False)  # as load_sae returns it
     x = torch.randn(50, D, generator=torch.Generator().manual_seed(8))

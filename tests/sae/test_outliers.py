@@ -16,7 +16,7 @@ from interlayer.activations import Chunk, check_outlier_norm, inlier_mask, shuff
 from interlayer.distributed import SINGLE, ProcessGroup
 from interlayer.errors import UserError
 from interlayer.models import load_model
-from interlayer.sae import SAEConfig, TopKSAE, TrainConfig
+from interlayer.sae import TopKConfig, TopKSAE, TrainConfig
 from interlayer.sae.evaluate import evaluate_saes
 from interlayer.sae.io import load_sae
 from interlayer.sae.trainer import SiteTrainer, train_saes
@@ -70,7 +70,7 @@ def test_outliers_never_reach_the_sae_and_stop_spoiling_it(
         return real_step(self, x_BD, lr, shards)
 
     monkeypatch.setattr(SiteTrainer, "step", spy)
-    cfg = {"site": SAEConfig(d_in=16, latents=128, k=3, site="site")}
+    cfg = {"site": TopKConfig(d_in=16, latents=128, k=3, site="site")}
     train = TrainConfig(tokens=6 * 2048, batch_size=256, seed=0, lr=3e-3, checkpoint_seconds=1e9)
     train_saes(
         tmp_path / "filtered", with_sinks, cfg, TrainConfig(**{**train.__dict__, "outlier_norm": 10.0}), {}
@@ -94,7 +94,7 @@ def test_evaluation_leaves_outliers_out(tiny_models: dict[str, Path], tmp_path: 
     (corpus / "a.txt").write_text(TEXT)
     lm = load_model(str(tiny_models["llama"]))
     site = "layers.1"
-    sae = TopKSAE(SAEConfig(d_in=32, latents=64, k=4, site=site))
+    sae = TopKSAE(TopKConfig(d_in=32, latents=64, k=4, site=site))
     sae.initialise_(torch.Generator().manual_seed(0))
 
     def evaluate(outlier_norm: float) -> dict[str, float]:
@@ -120,7 +120,7 @@ def test_a_batch_left_with_under_two_tokens_takes_no_step(tmp_path: Path) -> Non
     batches = list(shuffled_rows(chunk, 2, train.seed))
     useful = sum(int(inliers_N[rows].sum()) == 2 for rows in batches)
     assert len(batches) == 32 and 0 < useful < 32
-    cfg = {"s": SAEConfig(d_in=8, latents=16, k=2, site="s")}
+    cfg = {"s": TopKConfig(d_in=8, latents=16, k=2, site="s")}
     metrics = train_saes(tmp_path, lambda start: iter([chunk][start:]), cfg, train, {})
     assert metrics["steps"] == 32 and metrics["sites"]["s"]["steps"] == useful
     assert all(bool(t.isfinite().all()) for t in saved(tmp_path / "s").values())

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from interlayer.activations import Chunk
 from interlayer.errors import UserError
-from interlayer.sae import SAEConfig, TrainConfig, kernels
+from interlayer.sae import TopKConfig, TrainConfig, kernels
 from interlayer.sae.trainer import CHECKPOINT, CHECKPOINT_STATE, LEGACY_CHECKPOINT, RUN_FILE, train_saes
 
 
@@ -26,7 +26,7 @@ def chunks_of(data_ND: torch.Tensor, rows: int, stop_after: int | None = None):
 
 
 DATA = torch.randn(4096, 16, generator=torch.Generator().manual_seed(0))
-CFGS = {"s": SAEConfig(d_in=16, latents=32, k=4)}
+CFGS = {"s": TopKConfig(d_in=16, latents=32, k=4)}
 TRAIN = TrainConfig(tokens=3072, batch_size=256, checkpoint_seconds=0)
 
 

@@ -1,0 +1,223 @@
+"""KronSAE with mAND (Kurochkin et al., arXiv:2505.22255), ``--architecture kron --heads h --m m --n n``.
+
+A factorised encoder: one matrix W_enc of shape h·(m+n) × d with bias,
+
+    pre = ReLU(W_enc (x − b_dec) + b_enc),  viewed as [h, m+n] and split per head into p (m) and q (n),
+    z_{h,i,j} = mAND(p_{h,i}, q_{h,j}) = √(p_{h,i} · q_{h,j}),   latent f = h·m·n + i·n + j  (F = h·m·n, m ≤ n),
+
+then TopK over the F post-latents and the ordinary F×d decoder: x̂ = W_decᵀ TopK(z) + b_dec. The encoder costs
+O(h(m+n)d) instead of O(F·d). As for every SAE here, b_dec is subtracted before the encoder (the paper's
+appendix does not; the two are equivalent by b_enc ← b_enc − W_enc b_dec).
+
+The mAND rule used here: z = √(p·q) exactly, so a pair is 0 whenever p ≤ 0 or q ≤ 0 (after the ReLU: p = 0 or
+q = 0), with no ε inside the root (the appendix's √(pq + 1e-5) makes every inactive pair ≈ 0.003, which
+breaks exact sparsity and lets TopK pick inactive pairs). Gradient: where z > 0, ∂z/∂p = q / (2z) = ½√(q/p)
+and ∂z/∂q = p / (2z); where z = 0 (either factor 0, or both) it is 0, the same convention as ReLU at 0. Only
+the k selected pairs per token get gradients, so a tiny p with a large q can give a large but finite
+gradient (both factors are ≥ the smallest positive float; tested).
+
+Top-k without materialising the B×F post-latents (:class:`KronTopK`): a head's largest post-latent is
+√(max p · max q), and every post-latent of a head is at most that. So a head whose maximum is not among the k
+largest head maxima of its token holds no latent of the top k (k other heads each hold a larger one). Per
+token, take the top min(k, h) heads by max p · max q, form their k·m·n candidate products, and keep the top
+k of those (√ is monotone, so products are compared). The backward maps each selected latent's gradient to
+its p and q entries and from there to W_enc, b_enc and x through the sparse rows of the encoder product
+(:func:`interlayer.sae.kernels.sparse_linear_backward`), as the TopK encoder does.
+
+Initialisation (the paper's): encoder N(0, 1)/√(2F), b_enc = 0, decoder row (h, i, j) = P_{h,i} + Q_{h,j}
+(the encoder rows of that head's p_i and q_j), then rows normalised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from interlayer.errors import UserError
+from interlayer.sae.base import SparseAutoencoder, TrainingOutput
+from interlayer.sae.config import KConfig, SAEConfig
+from interlayer.sae.kernels import sparse_decode, sparse_linear_backward
+
+
+@dataclass(frozen=True, kw_only=True)
+class KronConfig(KConfig):
+    """A KronSAE: h heads of m × n mAND pairs each, F = h·m·n."""
+
+    architecture: str = "kron"
+    heads: int = 0
+    """Heads h; 0 means latents / (m·n)."""
+    m: int = 2
+    """The p factors per head (m ≤ n; the paper recommends small m, from 2)."""
+    n: int = 4
+    """The q factors per head."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.m < 1 or self.n < 1:
+            raise UserError(f"kron needs m ≥ 1 and n ≥ 1, got m = {self.m}, n = {self.n}")
+        if self.m > self.n:
+            raise UserError(f"kron needs m ≤ n, got m = {self.m} > n = {self.n}")
+        heads = self.heads or self.latents // (self.m * self.n)
+        if heads < 1 or heads * self.m * self.n != self.latents:
+            raise UserError(
+                f"kron needs heads·m·n = latents: {heads}·{self.m}·{self.n} = {heads * self.m * self.n} "
+                f"≠ {self.latents}"
+            )
+        object.__setattr__(self, "heads", heads)
+
+    @property
+    def encoder_rows(self) -> int:
+        """h·(m + n), the rows of the factorised encoder."""
+        return self.heads * (self.m + self.n)
+
+
+def mand_pairs(pre_BG: torch.Tensor, cfg: KronConfig) -> torch.Tensor:
+    """Every post-latent z [B, F] from ReLU'd pre-activations [B, h(m+n)] (the explicit dense reference)."""
+    pq_BHG = pre_BG.view(-1, cfg.heads, cfg.m + cfg.n)
+    p_BHM, q_BHN = pq_BHG[..., : cfg.m], pq_BHG[..., cfg.m :]
+    return (p_BHM[..., :, None] * q_BHN[..., None, :]).sqrt().reshape(pre_BG.shape[0], -1)
+
+
+class KronTopK(torch.autograd.Function):
+    """(x_BD (already minus b_dec), W_enc_GD, b_enc_G, cfg, k, dead_F | None, k_aux)
+    -> (values_BK, latent indices_BK, aux_values_BA, aux_indices_BA)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x_BD: torch.Tensor,
+        W_enc_GD: torch.Tensor,
+        b_enc_G: torch.Tensor,
+        cfg: KronConfig,
+        k: int,
+        dead_F: torch.Tensor | None,
+        k_aux: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, m, n = cfg.heads, cfg.m, cfg.n
+        pre_BG = torch.addmm(b_enc_G, x_BD, W_enc_GD.T).relu_()
+        pq_BHG = pre_BG.view(-1, h, m + n)
+        p_BHM, q_BHN = pq_BHG[..., :m], pq_BHG[..., m:]
+        heads_BJ = (p_BHM.amax(-1) * q_BHN.amax(-1)).topk(min(k, h), dim=1, sorted=False).indices
+        p_BJM = p_BHM.gather(1, heads_BJ[..., None].expand(-1, -1, m))
+        q_BJN = q_BHN.gather(1, heads_BJ[..., None].expand(-1, -1, n))
+        products_BC = (p_BJM[..., :, None] * q_BJN[..., None, :]).flatten(1)
+        _, where_BK = products_BC.topk(k, dim=1, sorted=False)
+        slot_BK, pair_BK = where_BK.div(m * n, rounding_mode="floor"), where_BK % (m * n)
+        head_BK = heads_BJ.gather(1, slot_BK)
+        i_BK, j_BK = pair_BK.div(n, rounding_mode="floor"), pair_BK % n
+        indices_BK = head_BK * (m * n) + pair_BK
+        cols_p_BK = head_BK * (m + n) + i_BK
+        cols_q_BK = head_BK * (m + n) + m + j_BK
+        aux_cols_p = aux_cols_q = aux_indices_BA = indices_BK.new_zeros(x_BD.shape[0], 0)
+        if dead_F is not None and k_aux > 0:
+            dead_ids = dead_F.nonzero().squeeze(1)
+            if dead_ids.numel() > 0:
+                head, pair = dead_ids.div(m * n, rounding_mode="floor"), dead_ids % (m * n)
+                dead_p, dead_q = (
+                    head * (m + n) + pair.div(n, rounding_mode="floor"),
+                    head * (m + n) + m + pair % n,
+                )
+                dead_products = pre_BG.index_select(1, dead_p) * pre_BG.index_select(1, dead_q)
+                _, where = dead_products.topk(min(k_aux, dead_ids.numel()), dim=1, sorted=False)
+                aux_indices_BA, aux_cols_p, aux_cols_q = dead_ids[where], dead_p[where], dead_q[where]
+        cols_p_BS = torch.cat([cols_p_BK, aux_cols_p], dim=1)
+        cols_q_BS = torch.cat([cols_q_BK, aux_cols_q], dim=1)
+        p_BS, q_BS = pre_BG.gather(1, cols_p_BS), pre_BG.gather(1, cols_q_BS)
+        z_BS = (p_BS * q_BS).sqrt()
+        ctx.save_for_backward(x_BD, W_enc_GD, cols_p_BS, cols_q_BS, p_BS, q_BS, z_BS)
+        ctx.k = k
+        ctx.mark_non_differentiable(indices_BK, aux_indices_BA)
+        return z_BS[:, :k], indices_BK, z_BS[:, k:], aux_indices_BA
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        grad_values_BK, _, grad_aux_BA, _ = grads
+        x_BD, W_enc_GD, cols_p_BS, cols_q_BS, p_BS, q_BS, z_BS = ctx.saved_tensors
+        g_BS = torch.zeros_like(z_BS)
+        if grad_values_BK is not None:
+            g_BS[:, : ctx.k] = grad_values_BK
+        if grad_aux_BA is not None:
+            g_BS[:, ctx.k :] = grad_aux_BA
+        live_BS = z_BS > 0
+        half_over_z = torch.where(live_BS, 0.5 / z_BS.clamp_min(torch.finfo(z_BS.dtype).tiny), 0.0)
+        g_p_BS, g_q_BS = g_BS * q_BS * half_over_z, g_BS * p_BS * half_over_z
+        grad_x, grad_W, grad_b = sparse_linear_backward(
+            torch.cat([g_p_BS, g_q_BS], dim=1).to(x_BD.dtype),
+            torch.cat([cols_p_BS, cols_q_BS], dim=1),
+            x_BD,
+            W_enc_GD,
+            ctx.needs_input_grad[:3],
+        )
+        return grad_x, grad_W, grad_b, None, None, None, None
+
+
+def kron_topk(
+    x_BD: torch.Tensor,
+    W_enc_GD: torch.Tensor,
+    b_enc_G: torch.Tensor,
+    cfg: KronConfig,
+    k: int,
+    dead_F: torch.Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TopK over the mAND post-latents as (values, latent indices), plus the AuxK selection among ``dead_F``."""
+    out = KronTopK.apply(x_BD, W_enc_GD, b_enc_G, cfg, k, dead_F, k_aux)
+    return out[0], out[1], out[2], out[3]
+
+
+class KronSAE(SparseAutoencoder):
+    """Factorised mAND encoder, TopK over the F = h·m·n post-latents, dense decoder."""
+
+    config_class = KronConfig
+    file_names = {"W_enc": "W_enc_GD", "b_enc": "b_enc_G", **SparseAutoencoder.file_names}
+    cfg: KronConfig
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        assert isinstance(cfg, KronConfig)
+        self.W_enc_GD = nn.Parameter(torch.empty(cfg.encoder_rows, cfg.d_in))
+        self.b_enc_G = nn.Parameter(torch.zeros(cfg.encoder_rows))
+
+    def initialise_(self, generator: torch.Generator, b_dec_D: torch.Tensor | None = None) -> None:
+        cfg = self.cfg
+        W_enc_GD = torch.randn(self.W_enc_GD.shape, generator=generator) / math.sqrt(2 * cfg.latents)
+        rows_HGD = W_enc_GD.view(cfg.heads, cfg.m + cfg.n, cfg.d_in)
+        P_HMD, Q_HND = rows_HGD[:, : cfg.m], rows_HGD[:, cfg.m :]
+        self._initialise_decoder_(
+            (P_HMD[:, :, None] + Q_HND[:, None, :]).reshape(cfg.latents, cfg.d_in), b_dec_D
+        )
+        with torch.no_grad():
+            self.W_enc_GD.copy_(W_enc_GD)
+            self.b_enc_G.zero_()
+
+    def encoder_weight(self) -> nn.Parameter:
+        return self.W_enc_GD
+
+    def encode_sparse(self, x_BD: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        values_BK, indices_BK, _, _ = kron_topk(
+            x_BD - self.b_dec_D, self.W_enc_GD, self.b_enc_G, self.cfg, self.cfg.k if k is None else k
+        )
+        return values_BK, indices_BK
+
+    def _codes(self, x_BD: torch.Tensor, k: int | None) -> torch.Tensor:
+        values_BK, indices_BK = self.encode_sparse(x_BD, k)
+        return x_BD.new_zeros(x_BD.shape[0], self.cfg.latents).scatter_(1, indices_BK, values_BK)
+
+    def _forward(self, x_BD: torch.Tensor, k: int | None) -> torch.Tensor:
+        values_BK, indices_BK = self.encode_sparse(x_BD, k)
+        return sparse_decode(values_BK, indices_BK, self.W_dec_FD) + self.b_dec_D
+
+    def training_forward(self, x_BD: torch.Tensor, dead_F: torch.Tensor | None, k_aux: int) -> TrainingOutput:
+        values_BK, indices_BK, aux_values, aux_indices = kron_topk(
+            x_BD - self.b_dec_D, self.W_enc_GD, self.b_enc_G, self.cfg, self.cfg.k, dead_F, k_aux
+        )
+        x_hat_BD = sparse_decode(values_BK, indices_BK, self.W_dec_FD) + self.b_dec_D
+        aux_hat = sparse_decode(aux_values, aux_indices, self.W_dec_FD) if aux_indices.shape[1] > 0 else None
+        fired_F = torch.zeros(self.cfg.latents, dtype=torch.bool, device=x_BD.device)
+        fired_F[indices_BK[values_BK > 0]] = True
+        recon = (x_hat_BD - x_BD).pow(2).sum()
+        return TrainingOutput(recon, x_hat_BD, aux_hat, fired_F, float((values_BK > 0).sum()))

@@ -1,0 +1,87 @@
+"""The ``sae train`` flags come from the config dataclasses (no default written twice), and every bad
+architecture setting is one clear line with exit code 2."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import pytest
+import torch
+
+from interlayer.sae import ARCHITECTURES, TrainConfig, make_config, save_sae
+from interlayer.sae.architectures import build_sae
+from interlayer.sae.cli import sae_eval, sae_train
+from interlayer.sae.config import SAEConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_cli import run_cli  # noqa: E402
+
+NOT_FLAGS = {"d_in", "architecture", "site", "model", "normalisation", "input_scale", "version"}
+"""Config fields the run fills in (from the site, the model and the normalisation), not the user."""
+
+
+def _params() -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(sae_train).parameters)
+
+
+def test_every_train_config_field_has_a_flag_with_the_same_default() -> None:
+    params = _params()
+    for f in fields(TrainConfig):
+        assert f.name in params, f"TrainConfig.{f.name} has no --{f.name.replace('_', '-')} flag"
+        assert params[f.name].default == f.default, f"--{f.name} default differs from TrainConfig"
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_every_architecture_field_has_a_flag(architecture: str) -> None:
+    params = _params()
+    for f in fields(ARCHITECTURES[architecture].config_class):
+        if f.name in NOT_FLAGS:
+            continue
+        assert f.name in params, f"{architecture}: config field {f.name} has no flag"
+        if f.default is MISSING:  # required fields (latents, k) have no default on the flag either
+            assert params[f.name].default in (inspect.Parameter.empty, None), f.name
+        else:  # None means "the architecture's own default", so none is restated
+            assert params[f.name].default is None, f"--{f.name} restates a default"
+
+
+def test_base_config_fields_are_all_accounted_for() -> None:
+    assert {f.name for f in fields(SAEConfig)} - {"latents"} == NOT_FLAGS
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--architecture", "kron", "--k", "4", "--heads", "3", "--m", "2", "--n", "4"], "heads·m·n = latents"),
+        (["--architecture", "kron", "--k", "4", "--m", "4", "--n", "2"], "m ≤ n"),
+        (["--architecture", "matryoshka", "--k", "4", "--prefixes", "16,8,64"], "increasing"),
+        (["--architecture", "matryoshka", "--k", "4", "--prefixes", "8,32"], "end at latents (64)"),
+        (["--architecture", "matryoshka", "--k", "4", "--prefixes", "8,x"], "comma-separated whole numbers"),
+        (["--architecture", "topk", "--k", "4", "--l0-coefficient", "0.1"], "--l0-coefficient does not apply"),
+        (["--architecture", "jumprelu", "--k", "4"], "--k does not apply to a jumprelu SAE"),
+        (["--architecture", "topk"], "--k is required for a topk SAE"),
+        (["--architecture", "relu", "--k", "4"], "unknown architecture 'relu'"),
+    ],
+)
+def test_bad_architecture_settings_are_one_line(
+    args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(["sae", "train", "--latents", "64", "--out", str(tmp_path / "r"), *args], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_k_eval_above_K_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sae = build_sae(make_config("hierarchical", d_in=32, latents=64, k=8, site="layers.1", model="m"))
+    sae.initialise_(torch.Generator().manual_seed(0))
+    save_sae(sae, tmp_path / "h")
+    code, _, err = run_cli(["sae", "eval", "--sae", str(tmp_path / "h"), "--k-eval", "4,16"], capsys)
+    assert code == 2
+    assert err.strip() == "error: k = 16 exceeds K = 8, the largest budget this HierarchicalTopK SAE was trained for"
+    params = inspect.signature(sae_eval).parameters
+    assert "k_eval" in params and json.dumps(params["k_eval"].default) == "null"
