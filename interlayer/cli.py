@@ -2,7 +2,9 @@
 
 Every mistake a user can make ends in one line on stderr and exit code 2 (:class:`~interlayer.errors.UserError`);
 long commands show a progress bar on stderr, resume from their output folder, and with ``--json`` print a
-machine-readable summary as the last line of stdout.
+machine-readable summary as the last line of stdout. What a command produces (its table, the report's path)
+goes to stdout (:func:`~interlayer.cli_common.print_table`), so that ``| grep`` sees it; with ``--json`` the
+JSON line replaces it.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from interlayer.cli_common import (
     ModelOpt,
     SitesOpt,
     emit,
-    table,
+    print_table,
 )
 from interlayer.errors import UserError
-from interlayer.progress import progress_bar, stderr_console
+from interlayer.progress import progress_bar
 from interlayer.sae.cli import sae_app
 
 app = typer.Typer(
@@ -53,7 +55,7 @@ def sites(model: ModelOpt, device: DeviceOpt = "cpu", as_json: JsonOpt = False) 
         {"site": s.name, "module": s.module_path, "width": s.width} for s in model_sites(lm.model).values()
     ]
     if not as_json:
-        stderr_console.print(table(f"sites of {model}", rows))
+        print_table(f"sites of {model}", rows)
     emit({"model": model, "sites": rows}, as_json)
 
 
@@ -98,7 +100,7 @@ def zoo_list(as_json: JsonOpt = False) -> None:
     rows = entries()
     if not as_json:
         shown = [{k: v for k, v in row.items() if k != "description"} for row in rows]
-        stderr_console.print(table(f"zoo models (cache: {zoo_dir()})", shown))
+        print_table(f"zoo models (cache: {zoo_dir()})", shown)
     emit({"zoo": str(zoo_dir()), "models": rows}, as_json)
 
 
@@ -117,24 +119,10 @@ def zoo_build(
         k: v for k, v in manifest.items() if k not in ("files", "spec", "name")
     }
     if not as_json:
-        stderr_console.print(
-            table(
-                f"zoo:{manifest['name']} in {folder}",
-                [
-                    {
-                        k: summary[k]
-                        for k in (
-                            "parameters",
-                            "steps",
-                            "val_loss",
-                            "val_ppl",
-                            "unigram_ppl",
-                            "bigram_ppl",
-                            "build_seconds",
-                        )
-                    }
-                ],
-            )
+        figures = ("parameters", "steps", "val_loss", "val_ppl", "unigram_ppl", "bigram_ppl", "build_seconds")
+        print_table(
+            f"zoo:{manifest['name']} in {folder}",
+            [{"name": manifest["name"]} | {k: summary[k] for k in figures}],
         )
     emit(summary, as_json)
 
@@ -153,7 +141,8 @@ def demo(
     from interlayer.demo import DemoConfig, run_demo
 
     summary = run_demo(DemoConfig.preset(quick, out))
-    stderr_console.print(f"report: {summary['report']}")
+    if not as_json:
+        print(f"report: {summary['report']}")
     emit(summary, as_json)
 
 

@@ -112,9 +112,9 @@ def subprocess_free_copy(src: Path, dst: Path) -> None:
 
 
 def test_sae_that_does_not_fit_the_model(tiny_models, corpus, tmp_path, capsys):
-    from interlayer.sae import SAEConfig, TopKSAE, save_sae
+    from interlayer.sae import TopKConfig, TopKSAE, save_sae
 
-    sae = TopKSAE(SAEConfig(d_in=16, latents=32, k=4, site="layers.1", model=str(tiny_models["llama"])))
+    sae = TopKSAE(TopKConfig(d_in=16, latents=32, k=4, site="layers.1", model=str(tiny_models["llama"])))
     sae.initialise_(torch.Generator().manual_seed(0))
     save_sae(sae, tmp_path / "sae")
     args = [
@@ -158,9 +158,84 @@ def test_train_then_eval_json(tiny_models, corpus, tmp_path, capsys):
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     metrics = json.loads(stdout.strip().splitlines()[-1])["sites"]["layers.1"]
+    expected = recompute_eval(tiny_models["llama"], out / "layers.1", corpus, tokens=300, context_len=32)
+    assert metrics["tokens"] == expected["tokens"]
+    for key in ("explained_variance", "l0", "ce_clean", "ce_sae", "delta_ce"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), key
     assert metrics["l0"] == pytest.approx(8.0)
-    assert metrics["delta_ce"] == pytest.approx(metrics["ce_sae"] - metrics["ce_clean"])
-    assert 0 < metrics["explained_variance"] <= 1
+
+
+def recompute_eval(
+    model: Path, sae_folder: Path, data: Path, tokens: int, context_len: int
+) -> dict[str, float]:
+    """The eval metrics computed here from their definitions: the same validation batches (16 contexts each,
+    until ``tokens`` kept tokens), activations captured by a plain hook, the SAE applied to the kept tokens,
+    and cross-entropies from plain forward passes with and without the SAE spliced in."""
+    import torch.nn.functional as F
+
+    from interlayer.data import iter_documents, token_batches
+    from interlayer.models import load_model
+    from interlayer.sae import load_sae
+    from interlayer.sites import capture, resolve_sites, splice
+
+    lm, sae = load_model(str(model)), load_sae(sae_folder)
+    (site,) = resolve_sites(lm.model, "layers.1")
+    xs, x_hats, l0s, nll, count = [], [], [], {"clean": 0.0, "sae": 0.0}, 0
+    seen = 0
+    with torch.no_grad():
+        for batch in token_batches(
+            lm.tokenizer, iter_documents(str(data), split="validation"), context_len, 16
+        ):
+            ids_BT, keep_BT = batch.input_ids_BT, batch.keep_BT
+            with capture(lm.model, [site]) as acts:
+                clean_BTV = lm.model(input_ids=ids_BT, attention_mask=batch.attention_mask_BT).logits
+            with splice(lm.model, {site: sae}, keep=keep_BT):
+                sae_BTV = lm.model(input_ids=ids_BT, attention_mask=batch.attention_mask_BT).logits
+            x_ND = acts["layers.1"][keep_BT].double()
+            xs.append(x_ND)
+            x_hats.append(sae(x_ND.float()).double())
+            l0s.append((sae.encode(x_ND.float()) != 0).sum(1).double())
+            target_BT = keep_BT[:, 1:]
+            for name, logits_BTV in (("clean", clean_BTV), ("sae", sae_BTV)):
+                nll[name] += float(
+                    F.cross_entropy(
+                        logits_BTV[:, :-1][target_BT].double(), ids_BT[:, 1:][target_BT], reduction="sum"
+                    )
+                )
+            count += int(target_BT.sum())
+            seen += int(keep_BT.sum())
+            if seen >= tokens:
+                break
+    x, x_hat = torch.cat(xs), torch.cat(x_hats)
+    ev = 1 - float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    ce_clean, ce_sae = nll["clean"] / count, nll["sae"] / count
+    return {
+        "tokens": len(x),
+        "explained_variance": ev,
+        "l0": float(torch.cat(l0s).mean()),
+        "ce_clean": ce_clean,
+        "ce_sae": ce_sae,
+        "delta_ce": ce_sae - ce_clean,
+    }
+
+
+def test_sites_table_is_on_stdout_and_json_replaces_it(tiny_models, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = run_cli(["sites", "--model", str(tiny_models["llama"])], capsys)
+    assert code == 0, err
+    rows = {
+        c[0]: c[1:] for line in out.splitlines() if len(c := [x.strip() for x in line.split("│")[1:-1]]) == 3
+    }
+    names = ["embed"] + [f"layers.{i}{part}" for i in range(3) for part in (".attn", ".mlp", "")]
+    assert list(rows) == names  # the whole table, in forward order, on stdout (`| grep` sees it)
+    assert rows["layers.2.mlp"] == ["model.layers.2.mlp", "32"]
+    assert rows["embed"] == ["model.layers.0", "32"]
+    assert "layers.2.mlp" not in err
+    code, out, err = run_cli(["sites", "--model", str(tiny_models["llama"]), "--json"], capsys)
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 1  # no table with --json: the JSON line is all of stdout
+    summary = json.loads(lines[0])
+    assert [row["site"] for row in summary["sites"]] == names and summary["sites"][-1]["width"] == 32
 
 
 def test_kill_minus_nine_then_resume_equals_uninterrupted(tiny_models, corpus, tmp_path):
@@ -213,10 +288,10 @@ def test_folder_that_is_not_a_cache(tmp_path, capsys):
 
 
 def test_two_saes_for_one_site(tiny_models, corpus, tmp_path, capsys):
-    from interlayer.sae import SAEConfig, TopKSAE, save_sae
+    from interlayer.sae import TopKConfig, TopKSAE, save_sae
 
     for name in ("a", "b"):
-        sae = TopKSAE(SAEConfig(d_in=32, latents=16, k=2, site="layers.1", model=str(tiny_models["llama"])))
+        sae = TopKSAE(TopKConfig(d_in=32, latents=16, k=2, site="layers.1", model=str(tiny_models["llama"])))
         sae.initialise_(torch.Generator().manual_seed(0))
         save_sae(sae, tmp_path / "runs" / name)
     args = ["sae", "eval", "--sae", str(tmp_path / "runs"), "--data", str(corpus), "--tokens", "50"]
