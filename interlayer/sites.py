@@ -206,12 +206,53 @@ def capture(model: nn.Module, sites: Sequence[Site]) -> Iterator[dict[str, torch
         yield acts
 
 
+def replace_kept(
+    keep_BT: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A site function that applies ``fn`` to the kept positions only.
+
+    ``keep_BT`` is a bool [batch, tokens] mask (e.g. False at special tokens). The returned function, given the
+    site's [batch, tokens, d] value, hands ``fn`` the kept rows as one [n, d] float32 tensor and puts its
+    result back at those positions (cast to the site's dtype); every other position keeps its value exactly.
+    This is how SAEs are spliced for evaluation: special tokens never reach them.
+    """
+
+    def replace(t_BTD: torch.Tensor) -> torch.Tensor:
+        if t_BTD.shape[:2] != keep_BT.shape:
+            raise ValueError(
+                f"keep mask of shape {tuple(keep_BT.shape)} does not match the site's [batch, tokens] "
+                f"{tuple(t_BTD.shape[:2])}"
+            )
+        mask_BT = keep_BT.to(device=t_BTD.device, dtype=torch.bool)
+        out_BTD = t_BTD.clone()
+        out_BTD[mask_BT] = fn(t_BTD[mask_BT].float()).to(t_BTD.dtype)
+        return out_BTD
+
+    return replace
+
+
 @contextmanager
 def splice(
-    model: nn.Module, replacements: Mapping[Site, Callable[[torch.Tensor], torch.Tensor]]
+    model: nn.Module,
+    replacements: Mapping[Site, Callable[[torch.Tensor], torch.Tensor]],
+    keep: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
 ) -> Iterator[None]:
-    """Replace each site's value by ``fn(value)`` during the forward passes run inside the block."""
-    with hooks(model, replacements):
+    """Replace each site's value by ``fn(value)`` during the forward passes run inside the block.
+
+    Without ``keep``, ``fn`` gets the site's whole [batch, tokens, d] tensor. With ``keep``, a bool
+    [batch, tokens] mask (or a mapping from site name to such a mask; sites it does not name get the whole
+    tensor), ``fn`` gets only the kept positions as an [n, d] float32 tensor and the others keep their value
+    (see :func:`replace_kept`):
+
+    >>> keep = ~torch.isin(inputs["input_ids"], torch.tensor(tokenizer.all_special_ids))
+    >>> with splice(model, {site: sae}, keep=keep):
+    ...     out = model(**inputs)
+    """
+    fns: dict[Site, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for site, fn in replacements.items():
+        mask = keep.get(site.name) if isinstance(keep, Mapping) else keep
+        fns[site] = fn if mask is None else replace_kept(mask, fn)
+    with hooks(model, fns):
         yield
 
 

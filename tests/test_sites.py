@@ -17,6 +17,7 @@ from interlayer.sites import (
     hooks,
     match_site_names,
     model_sites,
+    replace_kept,
     resolve_sites,
     run_to_sites,
     splice,
@@ -337,6 +338,67 @@ def test_patching_the_residual_reproduces_the_other_input(
     with splice(lm.model, {site: lambda _t: acts_b[site_name]}):
         patched = _output(lm, inputs_a)
     torch.testing.assert_close(patched, logits_b, atol=1e-6, rtol=0)
+
+
+def _keep_mask() -> torch.Tensor:
+    keep_BT = torch.ones(2, 12, dtype=torch.bool)
+    keep_BT[:, 0] = keep_BT[0, 7] = keep_BT[1, -1] = False  # like [CLS]/BOS, a SEP inside, a final EOS
+    return keep_BT
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("site_name", ["embed", "layers.1", "layers.1.mlp"])
+def test_splice_with_keep_replaces_kept_positions_only(
+    lms: dict[str, LoadedModel], family: str, site_name: str
+) -> None:
+    lm = lms[family]
+    inputs = _inputs()
+    keep_BT = _keep_mask()
+    site = model_sites(lm.model)[site_name]
+    clean = run_to_sites(lm.model, [site], **inputs)[site_name]
+    seen: list[torch.Tensor] = []
+
+    def fn(x_ND: torch.Tensor) -> torch.Tensor:
+        seen.append(x_ND.clone())
+        return x_ND * -3.0 + 0.25
+
+    for keep in (keep_BT, {site_name: keep_BT}):
+        seen.clear()
+        with splice(lm.model, {site: fn}, keep=keep), capture(lm.model, [site]) as acts:
+            lm.model(**inputs)
+        assert len(seen) == 1 and seen[0].shape == (int(keep_BT.sum()), 32) and seen[0].dtype == torch.float32
+        assert torch.equal(seen[0], clean[keep_BT])  # the kept rows, in row-major order
+        got = acts[site_name]
+        assert torch.equal(got[~keep_BT], clean[~keep_BT])  # bit for bit
+        assert torch.equal(got[keep_BT], clean[keep_BT] * -3.0 + 0.25)
+        assert got.shape == clean.shape
+
+
+def test_splice_without_keep_hands_over_the_whole_tensor(lms: dict[str, LoadedModel]) -> None:
+    lm = lms["llama"]
+    inputs = _inputs()
+    sites = model_sites(lm.model)
+    shapes: list[tuple[int, ...]] = []
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    # A mapping of masks that does not name a site leaves that site's function the whole tensor.
+    with splice(lm.model, {sites["layers.0"]: fn, sites["layers.2"]: fn}, keep={"layers.2": _keep_mask()}):
+        lm.model(**inputs)
+    assert shapes == [(2, 12, 32), (int(_keep_mask().sum()), 32)]
+
+
+def test_replace_kept_keeps_dtype_and_checks_the_mask_shape() -> None:
+    t_BTD = torch.arange(2 * 3 * 4, dtype=torch.float64).reshape(2, 3, 4).to(torch.bfloat16)
+    keep_BT = torch.tensor([[True, False, True], [False, False, True]])
+    out = replace_kept(keep_BT, lambda x: torch.zeros_like(x) + x.dtype.itemsize)(t_BTD)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out[keep_BT], torch.full((3, 4), 4.0, dtype=torch.bfloat16))  # fn saw float32
+    assert torch.equal(out[~keep_BT], t_BTD[~keep_BT])
+    with pytest.raises(ValueError, match="keep mask of shape"):
+        replace_kept(keep_BT[:, :2], lambda x: x)(t_BTD)
 
 
 # ---------------------------------------------------------------- cleanup
