@@ -3,9 +3,99 @@
 from __future__ import annotations
 
 import json
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
+import pytest
+import torch
+import torch.nn.functional as F
+
+from interlayer.data import iter_documents, token_batches
 from interlayer.demo import DemoConfig, run_demo
+from interlayer.models import load_model
+from interlayer.sae import load_sae
+from interlayer.sites import capture, resolve_sites, splice
+
+
+class _Page(HTMLParser):
+    """Collects every tag with its attributes, and the cells of the first metrics table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.table: list[list[str]] = []
+        self._in_metrics = self._in_cell = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag == "table" and ("class", "metrics") in attrs and not self.table:
+            self._in_metrics = True
+        elif self._in_metrics and tag == "tr":
+            self.table.append([])
+        elif self._in_metrics and tag in ("td", "th"):
+            self._in_cell = True
+            self.table[-1].append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self._in_metrics = False
+        if tag in ("td", "th"):
+            self._in_cell = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_metrics and self._in_cell:
+            self.table[-1][-1] += data
+
+
+def assert_self_contained(html: str) -> _Page:
+    """No script of any kind, nothing fetched or linked outside the file."""
+    page = _Page()
+    page.feed(html)
+    lowered = html.lower()
+    assert "<script" not in lowered and "javascript:" not in lowered
+    assert "@import" not in lowered and not re.search(r"url\(\s*['\"]?(https?:)?//", lowered)
+    for tag, attrs in page.tags:
+        assert tag not in ("script", "link", "iframe", "object", "embed", "base", "meta") or (
+            tag == "meta" and "http-equiv" not in attrs
+        ), tag
+        assert not any(name.startswith("on") for name in attrs), (tag, attrs)  # no inline event handlers
+        for name in ("href", "src", "srcset", "action", "data", "poster", "xlink:href"):
+            value = (attrs.get(name) or "").strip().lower()
+            assert not value or value.startswith(("#", "data:image/")), (tag, name, value)
+    return page
+
+
+def recompute(cfg: DemoConfig, site: str) -> dict[str, float]:
+    """EV and the pooled-output cosine of the demo's saved SAE at ``site``, from their definitions: the same
+    validation batches, activations from a plain capture, the SAE on the kept tokens, masked mean pooling."""
+    lm = load_model(cfg.model)
+    sae = load_sae(cfg.out / "saes" / site)
+    (where,) = resolve_sites(lm.model, site)
+    xs, x_hats, cosines, seen = [], [], [], 0
+    with torch.no_grad():
+        for batch in token_batches(lm.tokenizer, iter_documents(cfg.data, "validation"), cfg.context_len, 16):
+            inputs = {"input_ids": batch.input_ids_BT, "attention_mask": batch.attention_mask_BT}
+            with capture(lm.model, [where]) as acts:
+                clean_BTD = lm.model(**inputs).last_hidden_state
+            with splice(lm.model, {where: sae}, keep=batch.keep_BT):
+                spliced_BTD = lm.model(**inputs).last_hidden_state
+            x_ND = acts[site][batch.keep_BT].double()
+            xs.append(x_ND)
+            x_hats.append(sae(x_ND.float()).double())
+            mask_BT1 = batch.attention_mask_BT[..., None].double()
+            u_clean = (clean_BTD.double() * mask_BT1).sum(1) / mask_BT1.sum(1)
+            u_sae = (spliced_BTD.double() * mask_BT1).sum(1) / mask_BT1.sum(1)
+            cosines.append(F.cosine_similarity(u_clean, u_sae, dim=-1))
+            seen += int(batch.keep_BT.sum())
+            if seen >= cfg.eval_tokens:
+                break
+    x, x_hat = torch.cat(xs), torch.cat(x_hats)
+    return {
+        "tokens": len(x),
+        "explained_variance": 1 - float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
+        "pooled_cosine_sae": float(torch.cat(cosines).mean()),
+    }
 
 
 def test_demo_trains_evaluates_and_reports(tmp_path: Path) -> None:
@@ -23,7 +113,41 @@ def test_demo_trains_evaluates_and_reports(tmp_path: Path) -> None:
     assert set(summary["sae"]) == {"layers.0", "layers.5"}
     for metrics in summary["sae"].values():  # 16 steps: a rough SAE, but better than the mean (EV 0)
         assert 0.05 < metrics["explained_variance"] < 1 and metrics["l0"] <= 8 and metrics["tokens"] >= 600
-        assert -1 <= metrics["pooled_cosine_sae"] <= 1 and -1 <= metrics["pooled_cosine_zero"] <= 1
+    expected = recompute(cfg, "layers.5")
+    reported = summary["sae"]["layers.5"]
+    assert reported["tokens"] == expected["tokens"]
+    assert reported["explained_variance"] == pytest.approx(expected["explained_variance"], abs=1e-5)
+    assert reported["pooled_cosine_sae"] == pytest.approx(expected["pooled_cosine_sae"], abs=1e-5)
+    assert expected["pooled_cosine_sae"] < 1 - 1e-6  # the splice changed the output
+
     html = (tmp_path / "report.html").read_text()
-    assert "<script" not in html.lower() or "src=" not in html.lower()  # self-contained
+    page = assert_self_contained(html)
     assert html.count('class="card"') == 2 * cfg.cards_per_site
+    header, *rows = page.table
+    cells = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert set(cells) == {"layers.0", "layers.5"}
+    for site, metrics in summary["sae"].items():  # the report shows the measured numbers (4 digits)
+        shown = float(cells[site]["explained_variance"])
+        assert shown == pytest.approx(metrics["explained_variance"], rel=1e-3)
+    assert float(cells["layers.5"]["explained_variance"]) == pytest.approx(
+        expected["explained_variance"], rel=1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "<script>alert(1)</script>",
+        '<script src="x.js"></script>',
+        '<link rel="stylesheet" href="https://cdn.example.com/a.css">',
+        '<img src="https://example.com/p.png">',
+        '<a href="http://example.com">x</a>',
+        '<div onclick="f()">x</div>',
+        "<style>@import 'x.css';</style>",
+        '<div style="background: url(//example.com/x.png)">x</div>',
+    ],
+)
+def test_self_contained_check_rejects_scripts_and_external_resources(bad: str) -> None:
+    assert_self_contained('<html><body><a href="#s1">in-page</a></body></html>')
+    with pytest.raises(AssertionError):
+        assert_self_contained(f"<html><body>{bad}</body></html>")

@@ -50,9 +50,26 @@ TEXT = "def add(a, b):\n    return a + b  # 12345\n"
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny spec built once into a fresh zoo folder."""
-    return zoo.build(TINY, tmp_path_factory.mktemp("zoo"), progress=False)
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor], torch.Tensor]:
+    """The tiny spec built once into a fresh zoo folder, with the weights of the model object the build trained
+    (copied when the build evaluates it, just before saving) and the validation contexts it evaluated."""
+    seen: dict[str, object] = {}
+    validation_loss = zoo.validation_loss
+
+    def recording(model: torch.nn.Module, val_NT: torch.Tensor, *args: object) -> float:
+        seen["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        seen["val_NT"] = val_NT.clone()
+        return validation_loss(model, val_NT, *args)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zoo, "validation_loss", recording)
+        folder = zoo.build(TINY, tmp_path_factory.mktemp("zoo"), progress=False)
+    return folder, seen["state"], seen["val_NT"]  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def built(trained: tuple[Path, dict[str, torch.Tensor], torch.Tensor]) -> Path:
+    return trained[0]
 
 
 def logits(folder: Path | str) -> torch.Tensor:
@@ -88,7 +105,26 @@ def test_reload_gives_identical_logits_and_a_llama_with_bpe(built: Path) -> None
     assert lm.tokenizer.decode(ids, skip_special_tokens=True) == TEXT  # byte-level: lossless
     digits = lm.tokenizer("12345", add_special_tokens=False)["input_ids"]
     assert len(digits) == 5  # one token per digit
-    assert torch.equal(logits(built), logits(built))
+
+
+def test_reload_is_the_model_the_build_trained_and_reproduces_its_figures(
+    trained: tuple[Path, dict[str, torch.Tensor], torch.Tensor],
+) -> None:
+    folder, state, val_NT = trained
+    lm = load_model(str(folder))
+    reloaded = lm.model.state_dict()
+    assert set(state) <= set(reloaded) and len(state) > 5
+    for name, weight in state.items():
+        assert torch.equal(reloaded[name], weight), name  # bit for bit the trained weights
+    # The reloaded tokenizer packs the same validation contexts the build evaluated ...
+    assert torch.equal(zoo._corpus(TINY, lm.tokenizer).val_NT, val_NT)
+    # ... and on them the reloaded model's cross-entropy, computed here directly, is the recorded val_loss.
+    with torch.no_grad():
+        logits_NTV = lm.model(input_ids=val_NT).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits_NTV[:, :-1].flatten(0, 1), val_NT[:, 1:].flatten())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert float(nll) == pytest.approx(manifest["val_loss"], rel=1e-5)
+    assert math.log(TINY.vocab_size) > manifest["val_loss"] > 1.0  # 20 steps learn something, not everything
 
 
 def test_same_seed_builds_identical_files(built: Path, tmp_path: Path) -> None:
@@ -239,6 +275,48 @@ def test_cli_list_and_build(tiny_registry: Path, capsys: pytest.CaptureFixture[s
     assert row["built"] is True and row["val_ppl"] == pytest.approx(summary["val_ppl"])
     code, _, _ = run_cli(["zoo", "build", "nope"], capsys)
     assert code == 2
+
+
+def _fake_built(root: Path, built: Path, name: str, figures: dict[str, object]) -> None:
+    """Install the tiny model's files as zoo entry ``name`` with a manifest that passes check_entry for the
+    registered spec, carrying the given figures: what `zoo list` sees once the real model is built."""
+    spec = zoo.REGISTRY[name]
+    shutil.copytree(built, root / name)
+    manifest = json.loads((built / "manifest.json").read_text())
+    manifest |= {"name": name, "spec": asdict(spec), "corpus_fingerprint": zoo.corpus_fingerprint_of(spec)}
+    manifest |= figures
+    (root / name / "manifest.json").write_text(json.dumps(manifest))
+    assert zoo.check_entry(root / name, spec) is None
+
+
+def test_cli_list_at_80_columns_never_cuts_a_name(
+    tiny_registry: Path, built: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    figures = {"val_ppl": 58.81, "unigram_ppl": 412.5, "bigram_ppl": 111.2, "build_seconds": 612.34}
+    for name in ("code-lm", "prose-lm", "arith-lm"):
+        extra = {"arith_test": {"correct": 181, "total": 500}} if name == "arith-lm" else {}
+        _fake_built(tiny_registry, built, name, figures | extra)
+    monkeypatch.setenv("COLUMNS", "80")  # what a pipe or a narrow terminal gives
+    code, out, err = run_cli(["zoo", "list"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in out
+    rows = {cells[0]: cells for line in lines if len(cells := [c.strip() for c in line.split("│")[1:-1]]) > 1}
+    assert {"code-lm", "prose-lm", "arith-lm", "tiny"} <= rows.keys()  # every name whole, in its own cell
+    assert rows["code-lm"][1:4] == ["stdlib:code", str(zoo.parameter_count(zoo.REGISTRY["code-lm"])), "True"]
+    assert rows["tiny"][3] == "False" and rows["arith-lm"][1] == "arith"
+    shown = len(rows["code-lm"])
+    every = ["name", "corpus", "parameters", "built", *figures, "arith_accuracy"]
+    assert 4 <= shown < len(every)  # 9 columns do not fit in 80: the trailing ones are left out, and said so
+    assert "58.81" in rows["code-lm"] or shown < 5
+    caption = " ".join(out.split("not shown")[1].split())
+    assert caption.startswith("(too narrow; see --json): " + ", ".join(every[shown:])), caption
+    assert "code-lm" not in err  # the table is the product: stdout
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_cli(["zoo", "list"], capsys)
+    row = next(line for line in out.splitlines() if "arith-lm" in line)
+    assert [c.strip() for c in row.split("│")[1:-1]][4:] == ["58.81", "412.5", "111.2", "612.3", "0.362"]
+    assert "not shown" not in out
 
 
 def test_a_second_process_waits_for_the_build_then_uses_it(
