@@ -1,0 +1,285 @@
+"""Every snippet in README.md and docs/*.md works as written.
+
+Each fenced ```python block runs unmodified, in a temporary working folder, with the prerequisites a reader
+has at that point (a trained SAE under ``runs/``, a model and ``inputs`` for a fragment) prepared by the
+setup registered for it in :data:`SETUPS`, and its results are checked against an independent computation.
+Each ```bash block's command lines must parse: every ``interlayer`` (or ``torchrun … -m interlayer``) line
+names an existing sub-command and only options it has, read from the typer app itself, and a complete line
+parses with click exactly as the shell would hand it over; ``make`` lines name targets of the Makefile.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import typer
+from test_zoo import TINY, TINY_ARITH
+
+from interlayer import zoo
+from interlayer.cli import app
+from interlayer.models import load_model
+from interlayer.sites import resolve_sites, splice
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@dataclass(frozen=True)
+class Snippet:
+    path: Path
+    line: int
+    """Line of the opening fence (1-based)."""
+    text: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
+
+
+def snippets(language: str) -> list[Snippet]:
+    found = []
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(rf"^```{language}[ \t]*\n(.*?)^```[ \t]*$", text, re.M | re.S):
+            found.append(Snippet(path, text.count("\n", 0, match.start()) + 1, match.group(1)))
+    return found
+
+
+# ---------------------------------------------------------------- python
+
+
+Check = Callable[[dict[str, Any]], None]
+Setup = Callable[[pytest.MonkeyPatch, Path, dict[str, Path]], tuple[dict[str, Any], Check]]
+
+
+def _readme_use(patch: pytest.MonkeyPatch, tmp: Path, _tiny: dict[str, Path]) -> tuple[dict[str, Any], Check]:
+    """The README's Python example: it needs an SAE at runs/minilm/layers.3, trained by the README's own
+    command (small sizes) in the working folder."""
+    code = run_interlayer(
+        patch,
+        ["sae", "train", "--model", "minilm", "--sites", "layers.3", "--data", "stdlib:docs", "--tokens", "2048",
+         "--latents", "128", "--k", "8", "--batch-size", "256", "--context-len", "64", "--model-batch-size", "8",
+         "--chunk-batches", "2", "--out", "runs/minilm"]
+    )  # fmt: skip
+    assert code == 0 and (tmp / "runs/minilm/layers.3/cfg.json").is_file()
+
+    def check(ns: dict[str, Any]) -> None:
+        lm, inputs, sae = ns["lm"], ns["inputs"], ns["sae"]
+        assert [s.name for s in ns["sites"]] == [f"layers.{i}" for i in range(6)]
+        with torch.no_grad():
+            hidden = lm.model(**inputs, output_hidden_states=True).hidden_states
+        for i in range(6):
+            assert torch.equal(ns["acts"][f"layers.{i}"], hidden[i + 1])
+        keep_BT = ~torch.isin(inputs["input_ids"], torch.tensor(lm.tokenizer.all_special_ids))
+        assert 0 < int(keep_BT.sum()) < keep_BT.numel()  # [CLS] and [SEP] are left out
+        seen: list[torch.Tensor] = []
+
+        def spy(x_ND: torch.Tensor) -> torch.Tensor:
+            seen.append(x_ND)
+            return sae(x_ND)
+
+        with torch.no_grad(), splice(lm.model, {ns["sites"][3]: spy}, keep=keep_BT):
+            again = lm.model(**inputs).last_hidden_state
+        assert seen[0].shape == (int(keep_BT.sum()), 384)
+        assert torch.equal(ns["out"].last_hidden_state, again)
+        assert not torch.equal(again, lm.model(**inputs).last_hidden_state)  # the SAE changed the output
+
+    return {}, check
+
+
+def run_interlayer(patch: pytest.MonkeyPatch, args: list[str]) -> int:
+    """``interlayer ARGS`` in-process through the real entry point; its exit code."""
+    from interlayer.cli import main
+
+    patch.setattr(sys, "argv", ["interlayer", *args])
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def _sites_fragment(
+    patch: pytest.MonkeyPatch, tmp: Path, tiny: dict[str, Path]
+) -> tuple[dict[str, Any], Check]:
+    """docs/models-sites-activations.md shows the three calls on a model, its sites, a site and a function the
+    reader has from the lines above it: a tiny Llama here, with ``fn`` adding 1."""
+    from interlayer.sites import capture, run_to_sites
+
+    model = load_model(str(tiny["llama"])).model
+    ids = torch.randint(1000, 20000, (2, 10), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    sites = resolve_sites(model, "layers.*")
+    namespace = {
+        "model": model,
+        "inputs": inputs,
+        "sites": sites,
+        "site": sites[1],
+        "fn": lambda t: t + 1.0,
+        "capture": capture,
+        "splice": splice,
+        "run_to_sites": run_to_sites,
+    }
+
+    def check(ns: dict[str, Any]) -> None:
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        assert sorted(ns["acts"]) == ["layers.0", "layers.1", "layers.2"]
+        for i in range(2):  # (Llama's last hidden state is after the final norm)
+            assert torch.equal(ns["acts"][f"layers.{i}"], hidden[i + 1])
+
+    return namespace, check
+
+
+def _zoo_use(patch: pytest.MonkeyPatch, tmp: Path, _tiny: dict[str, Path]) -> tuple[dict[str, Any], Check]:
+    """docs/zoo.md's example builds zoo:code-lm and zoo:arith-lm on first use: the real build path runs here
+    with the test suite's tiny specs registered under those names, into a temporary cache."""
+    patch.setenv("INTERLAYER_CACHE", str(tmp / "cache"))
+    patch.setitem(zoo.REGISTRY, "code-lm", replace(TINY, name="code-lm", corpus="stdlib:code"))
+    patch.setitem(zoo.REGISTRY, "arith-lm", replace(TINY_ARITH, name="arith-lm"))
+
+    def check(ns: dict[str, Any]) -> None:
+        import transformers
+
+        assert type(ns["lm"].model).__name__ == "LlamaForCausalLM" and ns["lm"].is_causal_lm
+        assert ns["folder"] == tmp / "cache" / "zoo" / "arith-lm"
+        plain = transformers.AutoModelForCausalLM.from_pretrained(ns["folder"])  # as the comment says
+        ours = load_model("zoo:arith-lm").model
+        for name, weight in ours.state_dict().items():
+            assert torch.equal(plain.state_dict()[name], weight), name
+
+    return {}, check
+
+
+SETUPS: dict[str, Setup] = {
+    "README.md": _readme_use,
+    "docs/models-sites-activations.md": _sites_fragment,
+    "docs/zoo.md": _zoo_use,
+}
+"""Setup per file (each of these files has one Python snippet; :func:`test_every_snippet_has_a_setup`)."""
+
+PYTHON = snippets("python")
+
+
+def test_every_snippet_has_a_setup() -> None:
+    files = [str(s.path.relative_to(ROOT)) for s in PYTHON]
+    assert sorted(files) == sorted(SETUPS), "add a setup for a new snippet, or drop the one for a removed one"
+
+
+@pytest.mark.parametrize("snippet", PYTHON, ids=[s.key for s in PYTHON])
+def test_python_snippet_runs_as_written(
+    snippet: Snippet,
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace, check = SETUPS[str(snippet.path.relative_to(ROOT))](monkeypatch, tmp_path, tiny_models)
+    namespace["__name__"] = "__snippet__"
+    exec(compile(snippet.text, snippet.key, "exec"), namespace)  # noqa: S102 - the documented text itself
+    check(namespace)
+
+
+# ---------------------------------------------------------------- bash
+
+
+def command_lines(snippet: Snippet) -> list[list[str]]:
+    """The commands of a bash block, continuation lines joined, comments dropped, split as the shell does."""
+    joined = snippet.text.replace("\\\n", " ")
+    return [words for line in joined.splitlines() if (words := shlex.split(line, comments=True))]
+
+
+def interlayer_args(words: list[str]) -> list[str] | None:
+    """The arguments handed to interlayer, or None for a line that does not run it."""
+    if words[0] == "interlayer":
+        return words[1:]
+    if words[0] == "torchrun":
+        assert "-m" in words and words[words.index("-m") + 1] == "interlayer", words
+        return words[words.index("-m") + 2 :]
+    return None
+
+
+def resolve_command(args: list[str]) -> tuple[Any, list[str], str]:
+    """The (click) command the words name, walking the sub-command groups; its arguments and its path."""
+    command: Any = typer.main.get_command(app)
+    path = ["interlayer"]
+    while hasattr(command, "commands"):  # a group
+        assert args and args[0] in command.commands, f"{' '.join(path)} has no sub-command {args[:1]}"
+        path.append(args[0])
+        command, args = command.commands[args[0]], args[1:]
+    return command, args, " ".join(path)
+
+
+def check_command(args: list[str]) -> None:
+    partial = "..." in args  # a line that shows only some options
+    # Optional parts in brackets ([--quick] [--out DIR]) are checked as if given.
+    args = [a.strip("[]") for a in args if a != "..."]
+    command, rest, path = resolve_command(args)
+    known = {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
+    for word in rest:
+        if word.startswith("-"):
+            assert word.split("=")[0] in known, f"{path} has no option {word}; it has {sorted(known)}"
+    if not partial:  # the whole line parses: values given, required options present, no stray arguments
+        try:
+            command.make_context(path, list(rest), resilient_parsing=False)
+        except Exception as exc:  # click's UsageError (typer vendors click: its own classes)
+            raise AssertionError(f"{path}: {exc}") from exc
+    for flag, value in zip(rest, rest[1:], strict=False):
+        if flag == "--model" and value.startswith("zoo:"):
+            assert value[4:] in zoo.REGISTRY, value
+    if path == "interlayer zoo build":
+        assert rest[0] in zoo.REGISTRY, rest
+
+
+BASH = snippets("bash")
+
+
+def test_docs_have_bash_blocks() -> None:
+    assert {s.path.name for s in BASH} >= {"README.md", "zoo.md", "saes.md"}
+
+
+@pytest.mark.parametrize("snippet", BASH, ids=[s.key for s in BASH])
+def test_bash_commands_parse(snippet: Snippet) -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    lines = command_lines(snippet)
+    assert lines
+    for words in lines:
+        args = interlayer_args(words)
+        if args is not None:
+            check_command(args)
+        elif words[0] == "make":
+            for target in words[1:]:
+                assert re.search(rf"^{re.escape(target)}:", makefile, re.M), f"no make target {target}"
+        else:
+            raise AssertionError(f"{snippet.key}: a command this test does not know how to check: {words}")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "interlayer sites --modle minilm",
+        "interlayer sites --device cpu",  # --model is required
+        "interlayer zoo build",  # so is the model's name
+        "interlayer sites --model minilm --device",  # an option without its value
+        "interlayer sae tran --out r",
+        "interlayer zoo build no-such-model",
+        "interlayer sae train --model zoo:nope ...",
+        "interlayer sites --model minilm extra",
+    ],
+)
+def test_bash_check_catches_mistakes(line: str) -> None:
+    with pytest.raises(AssertionError):
+        check_command(interlayer_args(shlex.split(line)) or [])
+
+
+def test_bash_check_reads_the_options_from_the_app() -> None:
+    command, _, path = resolve_command(["sae", "train"])
+    assert path == "interlayer sae train"
+    assert {"--latents", "--k", "--out", "--sites"} <= {opt for p in command.params for opt in p.opts}
