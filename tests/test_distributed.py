@@ -89,8 +89,8 @@ def test_two_ranks_match_one_process_and_resume_in_one(
 ) -> None:
     cfgs = sae_cfgs(archs.split(","))
     want = json.loads((alone(archs, tmp_path_factory) / METRICS_FILE).read_text())
-    for site, cfg in cfgs.items():  # dead latents and AuxK in play (JumpReLU has no AuxK)
-        assert cfg.architecture == "jumprelu" or want["sites"][site]["aux_loss"] > 0, site
+    # dead latents and AuxK in play, so the shared dead-latent counters matter
+    assert any(want["sites"][site]["aux_loss"] > 0.01 for site in cfgs), want
     shared = tmp_path / "shared"
     result = torchrun(str(WORKER), str(shared), mode, archs)
     assert result.returncode == 0, result.stderr[-3000:]

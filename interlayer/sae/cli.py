@@ -22,10 +22,10 @@ from interlayer.cli_common import (
     ModelBatchOpt,
     OutlierOpt,
     emit,
-    table,
+    print_table,
 )
 from interlayer.errors import UserError
-from interlayer.progress import progress_bar, stderr_console
+from interlayer.progress import progress_bar
 from interlayer.sae.architectures import ARCHITECTURES, config_fields, make_config
 from interlayer.sae.config import SAEConfig
 from interlayer.sae.trainer import TrainConfig
@@ -181,7 +181,7 @@ def sae_train(
         return
     if not as_json:
         rows = [{"site": site, **values} for site, values in metrics["sites"].items()]
-        stderr_console.print(table(f"trained SAEs in {out}", rows))
+        print_table(f"trained SAEs in {out}", rows)
     emit({"out": str(out), **metrics}, as_json)
 
 
@@ -270,7 +270,7 @@ def sae_eval(
     if not as_json:
         if budgets == [None]:
             rows = [{key: v for key, v in row.items() if key != "k"} for row in rows]
-        stderr_console.print(table(f"SAE metrics on {data} (validation)", rows))
+        print_table(f"SAE metrics on {data} (validation)", rows)
     summary: dict[str, Any] = {"model": model, "data": data, "outlier_norm": outlier_norm}
     if budgets == [None]:
         summary["sites"] = by_k["None"]

@@ -25,7 +25,7 @@ from interlayer.sae.metrics import (
     next_token_ce_sum,
     pooled_embedding,
 )
-from interlayer.sites import Site, capture, resolve_sites, splice
+from interlayer.sites import Site, capture, replace_kept, resolve_sites, splice
 
 
 @dataclass
@@ -76,17 +76,6 @@ def check_sae_fits(sae: SparseAutoencoder, site: Site, source: str) -> None:
         raise UserError(
             f"SAE {source} has d_in {sae.cfg.d_in} but site {site.name} has width {site.width}; wrong model or site"
         )
-
-
-def _replace_kept(
-    keep_BT: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    def replace(t_BTD: torch.Tensor) -> torch.Tensor:
-        out = t_BTD.clone()
-        out[keep_BT] = fn(t_BTD[keep_BT].float()).to(t_BTD.dtype)
-        return out
-
-    return replace
 
 
 @torch.no_grad()
@@ -141,9 +130,9 @@ def evaluate_saes(
             x_hat_MD, z_MF = sae.reconstruct(x_MD, k)
             result.reconstruction.update(x_MD, x_hat_MD, z_MF)
             result.contexts.update(z_MF, where_M2[inlier_M.cpu()])
-            with splice(lm.model, {sites[name]: _replace_kept(site_keep_BT, partial(sae, k=k))}):
+            with splice(lm.model, {sites[name]: replace_kept(site_keep_BT, partial(sae, k=k))}):
                 spliced = _output(lm, lm.model(**inputs))
-            with splice(lm.model, {sites[name]: _replace_kept(site_keep_BT, torch.zeros_like)}):
+            with splice(lm.model, {sites[name]: replace_kept(site_keep_BT, torch.zeros_like)}):
                 zeroed = _output(lm, lm.model(**inputs))
             if lm.is_causal_lm:
                 for key, logits in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed)):

@@ -33,8 +33,8 @@ from interlayer.errors import UserError
 from interlayer.sae.base import TrainingOutput
 from interlayer.sae.topk import TopKConfig, TopKSAE
 
-BLOCK = 8
-"""Budgets handled together in :class:`PrefixLoss` (memory BLOCK·B·d floats per intermediate)."""
+CHUNK_ELEMENTS = 1 << 22
+"""Tokens are handled in chunks of C = CHUNK_ELEMENTS // (K·d), so the gathered rows take 16 MB (fp32)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +49,11 @@ class HierarchicalConfig(TopKConfig):
 
 
 class PrefixLoss(torch.autograd.Function):
-    """(target_BD = x − b_dec, values_BK sorted descending, indices_BK, W_dec_FD) -> (S, r_K detached)."""
+    """(target_BD = x − b_dec, values_BK sorted descending, indices_BK, W_dec_FD) -> (S, r_K detached).
+
+    The gradients are computed in the forward pass (the loss is always differentiated when it is used) and
+    scaled by the upstream gradient in the backward, so the selected decoder rows are gathered once.
+    """
 
     @staticmethod
     def forward(
@@ -59,47 +63,42 @@ class PrefixLoss(torch.autograd.Function):
         indices_BK: torch.Tensor,
         W_dec_FD: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        K = values_BK.shape[1]
-        residual_BD = target_BD.clone()
+        B, K = values_BK.shape
+        d = W_dec_FD.shape[1]
+        order_K = torch.arange(K, device=values_BK.device)
+        a_K = (K - order_K).to(values_BK.dtype) / K  # share of the K budgets that include position i
+        A_KK = (K - torch.maximum(order_K[:, None], order_K[None, :])).to(values_BK.dtype) / K
         total = target_BD.new_zeros((), dtype=torch.float64)
-        for start in range(0, K, BLOCK):
-            terms_BSD = values_BK[:, start : start + BLOCK, None] * F.embedding(
-                indices_BK[:, start : start + BLOCK], W_dec_FD
-            )
-            residuals_BSD = residual_BD[:, None] - terms_BSD.cumsum(1)
-            total += residuals_BSD.pow(2).sum(dtype=torch.float64)
-            residual_BD = residuals_BSD[:, -1]
-        ctx.save_for_backward(values_BK, indices_BK, W_dec_FD, residual_BD)
+        grad_values_BK = torch.empty_like(values_BK)
+        grad_target_BD = torch.empty_like(target_BD)
+        residual_BD = torch.empty_like(target_BD)
+        grad_W_FD = torch.zeros_like(W_dec_FD)
+        rows = max(1, CHUNK_ELEMENTS // (K * d))
+        for s in range(0, B, rows):
+            r0_CD, v_CK, idx_CK = target_BD[s : s + rows], values_BK[s : s + rows], indices_BK[s : s + rows]
+            rows_CKD = F.embedding(idx_CK, W_dec_FD)
+            c_CK = torch.bmm(rows_CKD, r0_CD[:, :, None])[..., 0]  # ⟨w_i, r0⟩
+            mix_CKD = torch.bmm(A_KK * v_CK[:, None, :], rows_CKD)  # M_i = Σ_i' A_ii' v_i' w_i'
+            AvG_CK = torch.linalg.vecdot(rows_CKD, mix_CKD)  # Σ_i' A_ii' v_i' ⟨w_i, w_i'⟩ = ⟨w_i, M_i⟩
+            total += (r0_CD.pow(2).sum() - 2 * (a_K * v_CK * c_CK).sum() + (v_CK * AvG_CK).sum()).double()
+            grad_values_BK[s : s + rows] = 2 * (AvG_CK - a_K * c_CK)
+            sums_C2D = torch.bmm(torch.stack([v_CK, a_K * v_CK], dim=1), rows_CKD)  # Σ v w, Σ a v w
+            residual_BD[s : s + rows] = r0_CD - sums_C2D[:, 0]
+            grad_target_BD[s : s + rows] = 2 * (r0_CD - sums_C2D[:, 1])
+            # ∂S/∂w_i = 2 v_i (M_i − a_i r0)
+            mix_CKD.addcmul_(a_K[None, :, None], r0_CD[:, None, :], value=-1).mul_(2 * v_CK[:, :, None])
+            grad_W_FD.index_add_(0, idx_CK.reshape(-1), mix_CKD.reshape(-1, d))
+        ctx.save_for_backward(grad_target_BD, grad_values_BK, grad_W_FD)
         ctx.mark_non_differentiable(residual_BD)
-        return (total / K).to(target_BD.dtype), residual_BD
+        return total.to(target_BD.dtype), residual_BD
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         grad_S = grads[0]
-        values_BK, indices_BK, W_dec_FD, residual_BD = ctx.saved_tensors
         if grad_S is None:
             return None, None, None, None
-        K = values_BK.shape[1]
-        c = 2 * grad_S / K
-        suffix_BD = torch.zeros_like(residual_BD)  # R_j: Σ of r_j' for j' ≥ j
-        grad_values_BK = torch.empty_like(values_BK)
-        grad_W_FD = torch.zeros_like(W_dec_FD)
-        for start in reversed(range(0, K, BLOCK)):
-            idx_BS = indices_BK[:, start : start + BLOCK]
-            rows_BSD = F.embedding(idx_BS, W_dec_FD)
-            v_BS1 = values_BK[:, start : start + BLOCK, None]
-            terms_BSD = v_BS1 * rows_BSD
-            # r_j = r_end + Σ_{i in (j, end]} term_i  (residual_BD is r at the block's last budget)
-            after_BSD = terms_BSD.flip(1).cumsum(1).flip(1) - terms_BSD
-            residuals_BSD = residual_BD[:, None] + after_BSD
-            suffix_BSD = suffix_BD[:, None] + residuals_BSD.flip(1).cumsum(1).flip(1)
-            grad_values_BK[:, start : start + BLOCK] = -c * (suffix_BSD * rows_BSD).sum(-1)
-            grad_W_FD.index_add_(
-                0, idx_BS.reshape(-1), (-c * v_BS1 * suffix_BSD).reshape(-1, W_dec_FD.shape[1])
-            )
-            suffix_BD = suffix_BSD[:, 0]
-            residual_BD = residuals_BSD[:, 0] + terms_BSD[:, 0]
-        return c * suffix_BD, grad_values_BK, None, grad_W_FD
+        grad_target_BD, grad_values_BK, grad_W_FD = ctx.saved_tensors
+        return grad_target_BD * grad_S, grad_values_BK * grad_S, None, grad_W_FD.mul_(grad_S)
 
 
 def prefix_loss(

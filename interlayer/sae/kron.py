@@ -2,7 +2,8 @@
 
 A factorised encoder: one matrix W_enc of shape h·(m+n) × d with bias,
 
-    pre = ReLU(W_enc (x − b_dec) + b_enc),  viewed as [h, m+n] and split per head into p (m) and q (n),
+    pre = ReLU(W_enc (x − b_dec) + b_enc) = [p_{1,1..m}, …, p_{h,1..m}, q_{1,1..n}, …, q_{h,1..n}]
+          (all p rows first, then all q rows, so that both are contiguous [h, m] and [h, n] views),
     z_{h,i,j} = mAND(p_{h,i}, q_{h,j}) = √(p_{h,i} · q_{h,j}),   latent f = h·m·n + i·n + j  (F = h·m·n, m ≤ n),
 
 then TopK over the F post-latents and the ordinary F×d decoder: x̂ = W_decᵀ TopK(z) + b_dec. The encoder costs
@@ -75,11 +76,23 @@ class KronConfig(KConfig):
         return self.heads * (self.m + self.n)
 
 
+def p_column(latent: torch.Tensor, cfg: KronConfig) -> torch.Tensor:
+    """The encoder row of p_{h,i} for latent f = h·m·n + i·n + j: row h·m + i (all p rows come first)."""
+    return latent.div(cfg.m * cfg.n, rounding_mode="floor") * cfg.m + (latent % (cfg.m * cfg.n)).div(
+        cfg.n, rounding_mode="floor"
+    )
+
+
+def q_column(latent: torch.Tensor, cfg: KronConfig) -> torch.Tensor:
+    """The encoder row of q_{h,j} for latent f = h·m·n + i·n + j: row h·m_total + h·n + j."""
+    return cfg.heads * cfg.m + latent.div(cfg.m * cfg.n, rounding_mode="floor") * cfg.n + latent % cfg.n
+
+
 def mand_pairs(pre_BG: torch.Tensor, cfg: KronConfig) -> torch.Tensor:
     """Every post-latent z [B, F] from ReLU'd pre-activations [B, h(m+n)] (the explicit dense reference)."""
-    pq_BHG = pre_BG.view(-1, cfg.heads, cfg.m + cfg.n)
-    p_BHM, q_BHN = pq_BHG[..., : cfg.m], pq_BHG[..., cfg.m :]
-    return (p_BHM[..., :, None] * q_BHN[..., None, :]).sqrt().reshape(pre_BG.shape[0], -1)
+    B, split = pre_BG.shape[0], cfg.heads * cfg.m
+    p_BHM, q_BHN = pre_BG[:, :split].view(B, cfg.heads, cfg.m), pre_BG[:, split:].view(B, cfg.heads, cfg.n)
+    return (p_BHM[..., :, None] * q_BHN[..., None, :]).sqrt().reshape(B, -1)
 
 
 class KronTopK(torch.autograd.Function):
@@ -98,9 +111,9 @@ class KronTopK(torch.autograd.Function):
         k_aux: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         h, m, n = cfg.heads, cfg.m, cfg.n
+        B = x_BD.shape[0]
         pre_BG = torch.addmm(b_enc_G, x_BD, W_enc_GD.T).relu_()
-        pq_BHG = pre_BG.view(-1, h, m + n)
-        p_BHM, q_BHN = pq_BHG[..., :m], pq_BHG[..., m:]
+        p_BHM, q_BHN = pre_BG[:, : h * m].view(B, h, m), pre_BG[:, h * m :].view(B, h, n)
         heads_BJ = (p_BHM.amax(-1) * q_BHN.amax(-1)).topk(min(k, h), dim=1, sorted=False).indices
         p_BJM = p_BHM.gather(1, heads_BJ[..., None].expand(-1, -1, m))
         q_BJN = q_BHN.gather(1, heads_BJ[..., None].expand(-1, -1, n))
@@ -108,19 +121,13 @@ class KronTopK(torch.autograd.Function):
         _, where_BK = products_BC.topk(k, dim=1, sorted=False)
         slot_BK, pair_BK = where_BK.div(m * n, rounding_mode="floor"), where_BK % (m * n)
         head_BK = heads_BJ.gather(1, slot_BK)
-        i_BK, j_BK = pair_BK.div(n, rounding_mode="floor"), pair_BK % n
         indices_BK = head_BK * (m * n) + pair_BK
-        cols_p_BK = head_BK * (m + n) + i_BK
-        cols_q_BK = head_BK * (m + n) + m + j_BK
-        aux_cols_p = aux_cols_q = aux_indices_BA = indices_BK.new_zeros(x_BD.shape[0], 0)
+        cols_p_BK, cols_q_BK = p_column(indices_BK, cfg), q_column(indices_BK, cfg)
+        aux_cols_p = aux_cols_q = aux_indices_BA = indices_BK.new_zeros(B, 0)
         if dead_F is not None and k_aux > 0:
             dead_ids = dead_F.nonzero().squeeze(1)
             if dead_ids.numel() > 0:
-                head, pair = dead_ids.div(m * n, rounding_mode="floor"), dead_ids % (m * n)
-                dead_p, dead_q = (
-                    head * (m + n) + pair.div(n, rounding_mode="floor"),
-                    head * (m + n) + m + pair % n,
-                )
+                dead_p, dead_q = p_column(dead_ids, cfg), q_column(dead_ids, cfg)
                 dead_products = pre_BG.index_select(1, dead_p) * pre_BG.index_select(1, dead_q)
                 _, where = dead_products.topk(min(k_aux, dead_ids.numel()), dim=1, sorted=False)
                 aux_indices_BA, aux_cols_p, aux_cols_q = dead_ids[where], dead_p[where], dead_q[where]
@@ -185,8 +192,9 @@ class KronSAE(SparseAutoencoder):
     def initialise_(self, generator: torch.Generator, b_dec_D: torch.Tensor | None = None) -> None:
         cfg = self.cfg
         W_enc_GD = torch.randn(self.W_enc_GD.shape, generator=generator) / math.sqrt(2 * cfg.latents)
-        rows_HGD = W_enc_GD.view(cfg.heads, cfg.m + cfg.n, cfg.d_in)
-        P_HMD, Q_HND = rows_HGD[:, : cfg.m], rows_HGD[:, cfg.m :]
+        split = cfg.heads * cfg.m
+        P_HMD = W_enc_GD[:split].view(cfg.heads, cfg.m, cfg.d_in)
+        Q_HND = W_enc_GD[split:].view(cfg.heads, cfg.n, cfg.d_in)
         self._initialise_decoder_(
             (P_HMD[:, :, None] + Q_HND[:, None, :]).reshape(cfg.latents, cfg.d_in), b_dec_D
         )

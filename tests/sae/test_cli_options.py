@@ -55,12 +55,18 @@ def test_base_config_fields_are_all_accounted_for() -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--architecture", "kron", "--k", "4", "--heads", "3", "--m", "2", "--n", "4"], "heads·m·n = latents"),
+        (
+            ["--architecture", "kron", "--k", "4", "--heads", "3", "--m", "2", "--n", "4"],
+            "heads·m·n = latents",
+        ),
         (["--architecture", "kron", "--k", "4", "--m", "4", "--n", "2"], "m ≤ n"),
         (["--architecture", "matryoshka", "--k", "4", "--prefixes", "16,8,64"], "increasing"),
         (["--architecture", "matryoshka", "--k", "4", "--prefixes", "8,32"], "end at latents (64)"),
         (["--architecture", "matryoshka", "--k", "4", "--prefixes", "8,x"], "comma-separated whole numbers"),
-        (["--architecture", "topk", "--k", "4", "--l0-coefficient", "0.1"], "--l0-coefficient does not apply"),
+        (
+            ["--architecture", "topk", "--k", "4", "--l0-coefficient", "0.1"],
+            "--l0-coefficient does not apply",
+        ),
         (["--architecture", "jumprelu", "--k", "4"], "--k does not apply to a jumprelu SAE"),
         (["--architecture", "topk"], "--k is required for a topk SAE"),
         (["--architecture", "relu", "--k", "4"], "unknown architecture 'relu'"),
@@ -82,6 +88,9 @@ def test_k_eval_above_K_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     save_sae(sae, tmp_path / "h")
     code, _, err = run_cli(["sae", "eval", "--sae", str(tmp_path / "h"), "--k-eval", "4,16"], capsys)
     assert code == 2
-    assert err.strip() == "error: k = 16 exceeds K = 8, the largest budget this HierarchicalTopK SAE was trained for"
+    assert (
+        err.strip()
+        == "error: k = 16 exceeds K = 8, the largest budget this HierarchicalTopK SAE was trained for"
+    )
     params = inspect.signature(sae_eval).parameters
     assert "k_eval" in params and json.dumps(params["k_eval"].default) == "null"

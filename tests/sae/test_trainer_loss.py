@@ -76,7 +76,9 @@ def test_topk_step_loss_aux_weight_and_projection_by_hand() -> None:
 
 
 def test_jumprelu_penalty_is_divided_by_the_batch_size() -> None:
-    trainer, grads = trainer_with_grads("jumprelu", {"l0_coefficient": 0.01, "bandwidth": 0.5}, input_scale=1.0)
+    trainer, grads = trainer_with_grads(
+        "jumprelu", {"l0_coefficient": 0.01, "bandwidth": 0.5}, input_scale=1.0
+    )
     sae = trainer.sae
     x = torch.randn(B, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     with torch.no_grad():
