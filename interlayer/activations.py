@@ -1,18 +1,29 @@
 """Activations at sites, streamed in deterministic chunks, and an on-disk cache of the same stream.
 
-A *chunk* is what ``batches_per_chunk`` model batches of packed contexts produce: for every site, the
-activations of the kept (non-special) tokens, as a float32 [n, d] tensor. Chunk i always covers the same
-contexts, so a consumer can resume at chunk i by skipping i·batches_per_chunk·batch_size contexts (only
-tokenisation, no model work). Consumers shuffle within a chunk (:func:`shuffled_batches`): the chunk is the
-shuffle buffer, and its permutation depends only on (seed, chunk index), which makes resumed runs exact.
+A *source chunk* is what ``batches_per_chunk`` model batches of packed contexts produce: for every site, the
+activations of the kept (non-special) tokens, as a float32 [n, d] tensor (:func:`source_chunks`). The
+documents come in the order fixed by the data seed (:func:`interlayer.data.iter_documents`), so source chunk
+i always covers the same contexts, and a consumer resumes at it by skipping i·batches_per_chunk·batch_size
+contexts (only tokenisation, no model work).
 
-The cache (``interlayer activations cache``) writes chunk i as ``shard_{i:05d}.safetensors`` (one tensor per
-site) and then updates ``manifest.json``; both writes are atomic, so a killed run resumes at the first
-missing shard. :class:`ActivationCache` reads it back as the same chunk stream.
+Mixing (:func:`mixed_chunks`): source chunks are grouped in *windows* of ``mix_chunks`` (M) consecutive
+chunks, window w holding source chunks wM … wM+M−1 (the last window may be shorter). The rows of a window are
+permuted together, by a generator seeded from (seed, w), and cut back into M output chunks with the row
+counts of the source chunks: output chunk i has as many rows as source chunk i, drawn from the whole window.
+So output chunk i depends only on (data, plan, seed, i); resuming at i recomputes its window (at most M−1
+source chunks of extra model work). A window costs M chunks of memory (2·M while it is assembled).
+:func:`model_chunks` gives the mixed stream. Consumers then shuffle within a chunk
+(:func:`shuffled_batches`), by (seed, chunk index).
+
+The cache (``interlayer activations cache``) writes *source* chunk i as ``shard_{i:05d}.safetensors`` (one
+tensor per site) and then updates ``manifest.json``; both writes are atomic, so a killed run resumes at the
+first missing shard. :class:`ActivationCache` reads it back, mixed on reading with the reader's seed and
+window, so one cache serves any training seed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -40,12 +51,23 @@ class ChunkPlan:
     batch_size: int = 32
     """Contexts per model forward pass."""
     batches_per_chunk: int = 8
-    """Model batches per chunk (the shuffle buffer holds one chunk)."""
+    """Model batches per chunk."""
+    mix_chunks: int = 4
+    """Source chunks per mixing window (M, see the module docstring): each output chunk is drawn from M
+    chunks' worth of contexts. Memory: M chunks held (2·M while a window is assembled), each about
+    batches_per_chunk · batch_size · context_len · width · 4 bytes per site; a resume redoes up to M−1 chunks
+    of model work. 1 mixes rows within a chunk only."""
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")
+
+    def source_settings(self) -> dict[str, int]:
+        """The fields that fix the source chunks (all but ``mix_chunks``): what an activation cache records."""
+        settings = asdict(self)
+        del settings["mix_chunks"]
+        return settings
 
 
 @dataclass
@@ -76,13 +98,39 @@ def model_chunks(
     split: str = "train",
     start: int = 0,
     deal: ProcessGroup = SINGLE,
+    seed: int | None = 0,
 ) -> Iterator[Chunk]:
-    """Chunks ``start, start+1, …`` of activations of ``lm`` on ``data`` (ends when the data does).
+    """Mixed chunks ``start, start+1, …`` of activations of ``lm`` on ``data`` (ends when the data does):
+    :func:`source_chunks` with documents in the order of ``seed``, mixed by :func:`mixed_chunks` in windows
+    of ``plan.mix_chunks``. ``seed=None`` gives the unmixed source chunks of the fixed document order.
 
     With ``deal`` a group of W ranks, rank r runs only the model batches r, r+W, … of each chunk and the
-    chunk is reassembled in batch order on every rank (every rank gets the single-process chunk).
+    chunk is reassembled in batch order on every rank (every rank gets the single-process chunk, and mixes
+    it identically).
     """
-    docs = iter_documents(data, split=split)
+
+    def read(first: int) -> Iterator[Chunk]:
+        return source_chunks(lm, sites, data, plan, split, first, deal, seed)
+
+    if seed is None:
+        return read(start)
+    return mixed_chunks(read, start, plan.mix_chunks, seed)
+
+
+def source_chunks(
+    lm: LoadedModel,
+    sites: Sequence[Site],
+    data: str,
+    plan: ChunkPlan,
+    split: str = "train",
+    start: int = 0,
+    deal: ProcessGroup = SINGLE,
+    seed: int | None = 0,
+) -> Iterator[Chunk]:
+    """Source chunks ``start, start+1, …`` (unmixed; see the module docstring) of ``lm`` on the documents of
+    ``data`` in the order of ``seed`` (:func:`interlayer.data.iter_documents`); ``deal`` as in
+    :func:`model_chunks`."""
+    docs = iter_documents(data, split=split, seed=seed)
     batches = token_batches(lm.tokenizer, docs, plan.context_len, plan.batch_size, drop_last=True)
     batches = itertools.islice(batches, start * plan.batches_per_chunk, None)
     for index in itertools.count(start):
@@ -108,6 +156,49 @@ def model_chunks(
         for name, tensor in chunk.acts.items():
             check_finite(tensor, name, f"chunk {index} of {data}")
         yield chunk
+
+
+def window_seed(seed: int, window: int) -> int:
+    """The generator seed of mixing window ``window``: the first 63 bits of ``sha256(f"mix:{seed}:{window}")``
+    (apart from the ``(seed, chunk index)`` seeds of :func:`shuffled_rows`)."""
+    return int.from_bytes(hashlib.sha256(f"mix:{seed}:{window}".encode()).digest()[:8], "big") >> 1
+
+
+def mixed_chunks(
+    read: Callable[[int], Iterator[Chunk]], start: int, mix_chunks: int, seed: int
+) -> Iterator[Chunk]:
+    """Output chunks ``start, start+1, …`` mixed from the source chunks ``read(j)`` yields (chunks j, j+1, …
+    with consecutive indices).
+
+    Window w holds source chunks wM … wM+M−1 (M = ``mix_chunks``; the last window may be shorter). Its rows,
+    concatenated in chunk order, are permuted by ``torch.randperm`` with a generator seeded by
+    :func:`window_seed` (seed, w), and cut in order into chunks with the source chunks' indices and row
+    counts. Reading starts at the window of ``start``; earlier output chunks of that window are dropped.
+    """
+    if mix_chunks < 1:
+        raise UserError(f"mix_chunks must be at least 1, got {mix_chunks}")
+    first = start - start % mix_chunks
+    source = read(first)
+    while window := list(itertools.islice(source, mix_chunks)):
+        yield from _mix_window(window, mix_chunks, seed, start)
+
+
+def _mix_window(window: list[Chunk], mix_chunks: int, seed: int, start: int) -> Iterator[Chunk]:
+    """The output chunks of one window with index ``start`` or above (see :func:`mixed_chunks`), each built
+    when asked for. Empties ``window`` once its rows are concatenated, so that only the window's
+    concatenation stays in memory."""
+    indices = [chunk.index for chunk in window]
+    counts = [chunk.tokens for chunk in window]
+    if indices != list(range(indices[0], indices[0] + len(indices))) or indices[0] % mix_chunks:
+        raise ValueError(f"a mixing window must hold consecutive chunks from a multiple of M, got {indices}")
+    names = list(window[0].acts)
+    rows = {name: torch.cat([chunk.acts[name] for chunk in window]) for name in names}
+    window.clear()
+    generator = torch.Generator().manual_seed(window_seed(seed, indices[0] // mix_chunks))
+    order = torch.randperm(sum(counts), generator=generator)
+    for index, part in zip(indices, order.split(counts), strict=True):
+        if index >= start:
+            yield Chunk(index, {name: tensor[part.to(tensor.device)] for name, tensor in rows.items()})
 
 
 def _reassemble(
@@ -180,9 +271,24 @@ class ActivationCache:
     def width(self) -> int:
         return int(self.manifest["width"])
 
-    def chunks(self, start: int = 0, sites: Sequence[str] | None = None) -> Iterator[Chunk]:
-        """Chunks ``start, start+1, …`` of the cache, holding ``sites`` (default: all cached sites)."""
+    def chunks(
+        self,
+        start: int = 0,
+        sites: Sequence[str] | None = None,
+        seed: int | None = None,
+        mix_chunks: int = 1,
+    ) -> Iterator[Chunk]:
+        """Chunks ``start, start+1, …`` of the cache, holding ``sites`` (default: all cached sites): the
+        stored source chunks as they are when ``seed`` is None, else mixed on reading by
+        :func:`mixed_chunks` with ``seed`` and windows of ``mix_chunks`` shards (the same chunks
+        :func:`model_chunks` gives with that window, when the cache was written with the same data seed)."""
         names = self.sites if sites is None else list(sites)
+        if seed is None:
+            return self._shard_chunks(start, names)
+        return mixed_chunks(lambda first: self._shard_chunks(first, names), start, mix_chunks, seed)
+
+    def _shard_chunks(self, start: int, names: list[str]) -> Iterator[Chunk]:
+        """The stored chunks ``start, …`` holding the sites ``names``."""
         for shard in self.manifest["shards"][start:]:
             tensors = read_tensors(self.folder / shard["file"], "activation shard")
             lacking = set(names) - tensors.keys()
@@ -217,8 +323,14 @@ def cache_activations(
     plan: ChunkPlan,
     split: str = "train",
     on_chunk: Callable[[int], None] | None = None,
+    seed: int | None = 0,
 ) -> ActivationCache:
-    """Write at least ``tokens`` kept-token activations as shards; rerunning resumes after the last shard."""
+    """Write at least ``tokens`` kept-token activations as shards of :func:`source_chunks` (documents in the
+    order of ``seed``, rows unmixed: mixing happens on reading); rerunning resumes after the last shard.
+
+    The manifest records the plan without ``mix_chunks`` and the document order as ``data_seed``; a cache
+    written before ``data_seed`` existed (documents in sorted order) resumes only with ``seed=None``.
+    """
     out = Path(out)
     sites = resolve_sites(lm.model, site_patterns)
     settings = {
@@ -226,7 +338,8 @@ def cache_activations(
         "data": data,
         "split": split,
         "sites": [s.name for s in sites],
-        "plan": asdict(plan),
+        "plan": plan.source_settings(),
+        "data_seed": seed,
     }
     manifest: dict[str, Any] = {
         **settings,
@@ -242,7 +355,7 @@ def cache_activations(
             raise UserError(
                 f"{out} holds a cache made with other settings ({old}); choose a new --out folder"
             )
-    pending = model_chunks(lm, sites, data, plan, split, start=len(manifest["shards"]))
+    pending = source_chunks(lm, sites, data, plan, split, start=len(manifest["shards"]), seed=seed)
     for chunk in pending if manifest["tokens"] < tokens else ():
         name = f"shard_{chunk.index:05d}.safetensors"
         write_tensors(out / name, chunk.acts)

@@ -21,6 +21,17 @@ validation split).
 Split rule: a unit (a file for folders and the stdlib, a record for a single file or dataset rows) is in
 "validation" iff ``int(sha256(name)[:8], 16) / 2**32 < val_fraction``, else in "train"; "all" is both. A
 dataset with its own "validation" split uses it instead. Documents whose text is only whitespace are skipped.
+The split never depends on the seed below.
+
+Order: without a seed (``seed=None``) documents come in the fixed order above. With an integer ``seed``
+(:func:`iter_documents`), (1) the files of a folder or of the stdlib are read in the order of
+``sha256(f"{seed}:{name}")`` (:func:`seeded_order`: a permutation fixed by the seed, and a file keeps its
+place relative to the others when files are added or removed), then (2) except for the stdlib corpus (one
+document per file, so already in a seeded order) the documents pass through a seeded shuffle buffer of
+``shuffle_buffer`` documents (:func:`buffer_shuffle`), which interleaves the records of neighbouring files,
+the records of a single file and the rows of a Hugging Face dataset. Document names, and so
+the split, stay the same. (A dataset is not reshuffled with ``datasets``' own ``shuffle``: that renumbers the
+rows, and the hashed split is by row number.)
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import ast
 import hashlib
 import json
 import os
+import random
 import re
 import sys
 import sysconfig
@@ -47,6 +59,8 @@ _STDLIB_SKIP = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycac
 _SUFFIXES = (".txt", ".jsonl", ".parquet")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 _TOKENIZE_GROUP = 64
+SHUFFLE_BUFFER = 1024
+"""Documents held by the shuffle buffer of :func:`iter_documents` when a seed is given."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,37 @@ def _in_split(key: str, split: str, val_fraction: float) -> bool:
     return split == "all" or _is_validation(key, val_fraction) == (split == "validation")
 
 
+def seeded_order(names: Iterable[str], seed: int | None) -> list[str]:
+    """``names`` sorted by ``sha256(f"{seed}:{name}")`` (ties, i.e. equal names, keep their order); with
+    ``seed=None``, in the order given."""
+    names = list(names)
+    if seed is None:
+        return names
+    return sorted(names, key=lambda name: hashlib.sha256(f"{seed}:{name}".encode()).digest())
+
+
+def buffer_shuffle(items: Iterable[Any], buffer: int, seed: int) -> Iterator[Any]:
+    """``items`` reordered by a shuffle buffer, the order fixed by ``seed`` and the input order.
+
+    With ``rng = random.Random(seed)``: the first ``buffer`` items fill the buffer; each later item replaces
+    the entry at ``rng.randrange(buffer)``, which is yielded; at the end the buffer is ``rng.shuffle``-d and
+    yielded. An item moves at most ``buffer`` places earlier; memory is ``buffer`` items.
+    """
+    if buffer < 1:
+        raise UserError(f"shuffle_buffer must be at least 1, got {buffer}")
+    rng = random.Random(seed)
+    held: list[Any] = []
+    for item in items:
+        if len(held) < buffer:
+            held.append(item)
+            continue
+        slot = rng.randrange(buffer)
+        yield held[slot]
+        held[slot] = item
+    rng.shuffle(held)
+    yield from held
+
+
 def _stdlib_files() -> tuple[Path, list[Path]]:
     """The stdlib root and its ``*.py`` files in sorted walk order, skipped folders pruned."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -97,11 +142,12 @@ def _stdlib_files() -> tuple[Path, list[Path]]:
     return root, files
 
 
-def _stdlib_documents(kind: str, split: str, val_fraction: float) -> Iterator[Document]:
-    """Docstrings (``kind == "docs"``) or source (``"code"``) of the stdlib files in ``split``."""
+def _stdlib_documents(kind: str, split: str, val_fraction: float, seed: int | None) -> Iterator[Document]:
+    """Docstrings (``kind == "docs"``) or source (``"code"``) of the stdlib files in ``split``, the files in
+    :func:`seeded_order`."""
     root, files = _stdlib_files()
-    for path in files:
-        name = path.relative_to(root).as_posix()
+    for name in seeded_order((path.relative_to(root).as_posix() for path in files), seed):
+        path = root / name
         if not _in_split(name, split, val_fraction):
             continue
         try:
@@ -182,15 +228,17 @@ def _folder_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix in _SUFFIXES and p.is_file())
 
 
-def _path_documents(path: Path, split: str, val_fraction: float) -> Iterator[Document]:
-    """Documents of a local folder (split by file) or a single file (split by record)."""
+def _path_documents(path: Path, split: str, val_fraction: float, seed: int | None) -> Iterator[Document]:
+    """Documents of a local folder (split by file, files in :func:`seeded_order`) or a single file (split by
+    record)."""
     if path.is_file():
         for doc in _file_records(path, path.name):
             if _in_split(doc.name, split, val_fraction):
                 yield doc
         return
-    for file in _folder_files(path):
-        name = file.relative_to(path).as_posix()
+    names = seeded_order((file.relative_to(path).as_posix() for file in _folder_files(path)), seed)
+    for name in names:
+        file = path / name
         if not _in_split(name, split, val_fraction):
             continue
         if file.suffix == ".txt":
@@ -238,8 +286,19 @@ def _nonempty(docs: Iterator[Document], spec: str, split: str) -> Iterator[Docum
         raise UserError(f"data {spec} has no documents in split {split!r}; add text or choose another split")
 
 
-def iter_documents(spec: str, split: str = "train", val_fraction: float = 0.1) -> Iterator[Document]:
-    """The documents of corpus ``spec`` in ``split`` ("train", "validation" or "all"), in a fixed order.
+def iter_documents(
+    spec: str,
+    split: str = "train",
+    val_fraction: float = 0.1,
+    seed: int | None = None,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+) -> Iterator[Document]:
+    """The documents of corpus ``spec`` in ``split`` ("train", "validation" or "all").
+
+    ``seed=None`` gives the fixed order of the module docstring; an integer ``seed`` gives files in
+    :func:`seeded_order` and then (but for the stdlib corpus) every document through :func:`buffer_shuffle`
+    with ``shuffle_buffer`` documents, so the order depends only on (corpus, split, val_fraction, seed,
+    shuffle_buffer). The split is the same for every seed.
 
     >>> next(iter_documents("stdlib:docs")).name  # doctest: +SKIP
     '__future__.py'
@@ -252,19 +311,23 @@ def iter_documents(spec: str, split: str = "train", val_fraction: float = 0.1) -
         kind = spec.removeprefix("stdlib:")
         if kind not in ("docs", "code"):
             raise UserError(f"unknown stdlib corpus {spec!r}; use stdlib:docs or stdlib:code")
-        docs = _stdlib_documents(kind, split, val_fraction)
+        docs = _stdlib_documents(kind, split, val_fraction, seed)
     elif (path := Path(spec).expanduser()).exists():
         if path.is_file() and path.suffix not in _SUFFIXES:
             raise UserError(
                 f"data file {spec} is not .txt, .jsonl or .parquet; convert it or give its folder"
             )
-        docs = _path_documents(path, split, val_fraction)
+        docs = _path_documents(path, split, val_fraction, seed)
     elif not _HF_ID.match(spec) or spec.endswith((*_SUFFIXES, ".json", ".csv")):
         raise UserError(
             f"data path not found: {spec}; check the path, or give an HF dataset id or stdlib:docs"
         )
     else:
         docs = _hf_documents(spec, split, val_fraction)
+    if seed is not None and not spec.startswith("stdlib:"):  # stdlib: one document per file, already mixed
+        if shuffle_buffer < 1:
+            raise UserError(f"shuffle_buffer must be at least 1, got {shuffle_buffer}")
+        docs = buffer_shuffle(docs, shuffle_buffer, seed)
     return _nonempty(docs, spec, split)
 
 

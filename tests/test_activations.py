@@ -18,15 +18,19 @@ from interlayer.activations import (
     ChunkPlan,
     cache_activations,
     check_finite,
+    mixed_chunks,
     model_chunks,
     shuffled_batches,
+    source_chunks,
+    window_seed,
 )
 from interlayer.atomic import write_tensors
 from interlayer.errors import UserError
 from interlayer.models import LoadedModel, load_model
 from interlayer.sites import resolve_sites
+from interlayer.sources import activation_source, model_source
 
-PLAN = ChunkPlan(context_len=32, batch_size=2, batches_per_chunk=2)
+PLAN = ChunkPlan(context_len=32, batch_size=2, batches_per_chunk=2, mix_chunks=3)
 SITES = ("embed", "layers.1")
 # The MiniLM tokenizer's special tokens: [PAD], [UNK], [CLS], [SEP], [MASK].
 SPECIAL_IDS = {0, 100, 101, 102, 103}
@@ -49,7 +53,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def chunks(lm: LoadedModel, corpus: Path) -> list[Chunk]:
-    return list(model_chunks(lm, resolve_sites(lm.model, SITES), str(corpus), PLAN, split="all"))
+    """The unmixed chunks of the documents in path order (``seed=None``)."""
+    return list(model_chunks(lm, resolve_sites(lm.model, SITES), str(corpus), PLAN, split="all", seed=None))
+
+
+@pytest.fixture(scope="module")
+def seeded_source(lm: LoadedModel, corpus: Path) -> list[Chunk]:
+    """The source chunks of the documents in the order of seed 0 (what a cache stores by default)."""
+    return list(source_chunks(lm, resolve_sites(lm.model, SITES), str(corpus), PLAN, split="all", seed=0))
 
 
 def _contexts(lm: LoadedModel, corpus: Path) -> list[list[int]]:
@@ -84,10 +95,10 @@ def test_chunks_are_deterministic_and_resume_exactly(
     assert len(chunks) == len(contexts) // per_chunk
     assert [c.index for c in chunks] == list(range(len(chunks)))
     sites = resolve_sites(lm.model, SITES)
-    _assert_chunks_equal(list(model_chunks(lm, sites, str(corpus), PLAN, split="all")), chunks)
-    resumed = list(model_chunks(lm, sites, str(corpus), PLAN, split="all", start=1))
+    _assert_chunks_equal(list(model_chunks(lm, sites, str(corpus), PLAN, split="all", seed=None)), chunks)
+    resumed = list(model_chunks(lm, sites, str(corpus), PLAN, split="all", start=1, seed=None))
     _assert_chunks_equal(resumed, chunks[1:])
-    assert list(model_chunks(lm, sites, str(corpus), PLAN, split="all", start=len(chunks))) == []
+    assert list(model_chunks(lm, sites, str(corpus), PLAN, split="all", start=len(chunks), seed=None)) == []
 
 
 def test_chunk_holds_the_kept_tokens_of_its_contexts(
@@ -118,6 +129,107 @@ def test_chunk_holds_the_kept_tokens_of_its_contexts(
     seps_in_bodies = sum(row[1:-1].count(SEP) for row in contexts[: len(chunks) * per_chunk])
     assert seps_in_bodies == 2
     assert sum(c.tokens for c in chunks) == len(chunks) * per_chunk * 30 - 2
+
+
+# ---------------------------------------------------------------- mixing
+
+
+def _numbered_chunks(counts: list[int]) -> list[Chunk]:
+    """Chunks whose rows hold their global row number (site "a") and its negative (site "b")."""
+    offsets = [sum(counts[:i]) for i in range(len(counts))]
+    return [
+        Chunk(
+            i, {"a": torch.arange(o, o + n).float()[:, None], "b": -torch.arange(o, o + n).float()[:, None]}
+        )
+        for i, (o, n) in enumerate(zip(offsets, counts, strict=True))
+    ]
+
+
+def _row_ids(chunk: Chunk) -> list[int]:
+    assert torch.equal(chunk.acts["a"], -chunk.acts["b"])  # every site is permuted alike
+    return chunk.acts["a"][:, 0].long().tolist()
+
+
+def test_mixed_chunks_permute_each_window_and_resume_exactly() -> None:
+    counts = [5, 7, 6, 4, 9, 3, 8]  # windows of 3: chunks 0-2 (18 rows), 3-5 (16 rows), 6 (8 rows)
+    source = _numbered_chunks(counts)
+    reads: list[int] = []
+
+    def read(first: int):
+        reads.append(first)
+        return iter(source[first:])
+
+    mixed = list(mixed_chunks(read, 0, 3, seed=11))
+    assert [c.index for c in mixed] == list(range(7)) and [c.tokens for c in mixed] == counts
+    ids = [_row_ids(c) for c in mixed]
+    windows = [(0, 18), (18, 34), (34, 42)]
+    for (lo, hi), members in zip(windows, [ids[0:3], ids[3:6], ids[6:7]], strict=True):
+        flat = [r for chunk in members for r in chunk]
+        assert sorted(flat) == list(range(lo, hi))  # a permutation of the window's rows, nothing else
+    # The documented rule: randperm of the window's rows with the generator seeded by window_seed(seed, w).
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(window_seed(11, 1)))
+    assert [r for chunk in ids[3:6] for r in chunk] == (order + 18).tolist()
+    # Output chunk 0 draws rows from every source chunk of its window.
+    assert {next(i for i, o in enumerate([0, 5, 12]) if o <= r < o + counts[i]) for r in ids[0]} == {0, 1, 2}
+    assert ids[6] != list(range(34, 42))  # the short last window is mixed too
+    # Resuming at any chunk reads from the start of its window and gives the rest of the full pass.
+    for start in range(8):
+        reads.clear()
+        resumed = list(mixed_chunks(read, start, 3, seed=11))
+        assert [_row_ids(c) for c in resumed] == ids[start:]
+        assert reads == [start - start % 3]
+    assert [_row_ids(c) for c in mixed_chunks(read, 0, 3, seed=11)] == ids
+    assert [_row_ids(c) for c in mixed_chunks(read, 0, 3, seed=12)] != ids
+    # A window of 1 permutes within each chunk only.
+    alone = [_row_ids(c) for c in mixed_chunks(read, 0, 1, seed=11)]
+    offsets = [0, 5, 12, 18, 22, 31, 34]
+    assert all(sorted(r) == list(range(o, o + n)) for r, o, n in zip(alone, offsets, counts, strict=True))
+    with pytest.raises(UserError, match="mix_chunks must be at least 1, got 0"):
+        list(mixed_chunks(read, 0, 0, seed=11))
+
+
+def _sorted_rows(rows_ND: torch.Tensor) -> list[tuple[float, ...]]:
+    return sorted(map(tuple, rows_ND.tolist()))
+
+
+def test_model_chunks_mix_documents_and_windows(
+    lm: LoadedModel, corpus: Path, chunks: list[Chunk], seeded_source: list[Chunk]
+) -> None:
+    sites = resolve_sites(lm.model, SITES)
+    mixed = list(model_chunks(lm, sites, str(corpus), PLAN, split="all", seed=0))
+    assert len(mixed) == len(chunks) == len(seeded_source) >= 4
+    assert [c.index for c in mixed] == list(range(len(chunks)))
+    assert [c.tokens for c in mixed] == [c.tokens for c in seeded_source]
+    # Same seed: identical chunks; resuming at any chunk, even inside a window, gives the full pass's rest.
+    _assert_chunks_equal(list(model_chunks(lm, sites, str(corpus), PLAN, split="all", seed=0)), mixed)
+    for start in range(1, len(mixed) + 1):
+        resumed = list(model_chunks(lm, sites, str(corpus), PLAN, split="all", start=start, seed=0))
+        _assert_chunks_equal(resumed, mixed[start:])
+    # Each window's rows are exactly the rows of its source chunks (the documents in seed 0's order) ...
+    m = PLAN.mix_chunks
+    for lo in range(0, len(mixed), m):
+        for name in SITES:
+            got = torch.cat([c.acts[name] for c in mixed[lo : lo + m]])
+            want = torch.cat([c.acts[name] for c in seeded_source[lo : lo + m]])
+            assert _sorted_rows(got) == _sorted_rows(want)
+        # ... permuted alike in every site: the (embed, layers.1) row pairs are those of the source.
+        pairs = [torch.cat([c.acts["embed"], c.acts["layers.1"]], 1) for c in mixed[lo : lo + m]]
+        source_pairs = [
+            torch.cat([c.acts["embed"], c.acts["layers.1"]], 1) for c in seeded_source[lo : lo + m]
+        ]
+        assert _sorted_rows(torch.cat(pairs)) == _sorted_rows(torch.cat(source_pairs))
+    # The seeded document order is not the path order, and seed 1 gives other chunks.
+    assert not torch.equal(seeded_source[0].acts["embed"], chunks[0].acts["embed"])
+    assert not torch.equal(mixed[0].acts["layers.1"], seeded_source[0].acts["layers.1"])
+    other = list(model_chunks(lm, sites, str(corpus), PLAN, split="all", seed=1))
+    assert not torch.equal(other[0].acts["layers.1"], mixed[0].acts["layers.1"])
+
+
+def test_sources_pass_the_seed_and_record_it(lm: LoadedModel, corpus: Path) -> None:
+    source = model_source(lm, ",".join(SITES), str(corpus), PLAN, seed=4)
+    assert source.settings["data_seed"] == 4 and source.settings["plan"]["mix_chunks"] == 3
+    direct = model_chunks(lm, resolve_sites(lm.model, SITES), str(corpus), PLAN, split="train", seed=4)
+    _assert_chunks_equal(list(source.chunks(1)), list(direct)[1:])
 
 
 # ---------------------------------------------------------------- shuffled_batches
@@ -178,30 +290,30 @@ def _shard_files(folder: Path) -> list[str]:
 
 
 def test_cache_round_trip_resume_and_settings(
-    lm: LoadedModel, corpus: Path, chunks: list[Chunk], tmp_path: Path
+    lm: LoadedModel, corpus: Path, seeded_source: list[Chunk], tmp_path: Path
 ) -> None:
     out = tmp_path / "cache"
     seen: list[int] = []
     cache = cache_activations(
         lm, ["layers.1", "embed"], str(corpus), 1, out, PLAN, split="all", on_chunk=seen.append
     )
-    assert seen == [chunks[0].tokens]
+    assert seen == [seeded_source[0].tokens]
     assert _shard_files(out) == ["shard_00000.safetensors"]
     assert cache.sites == list(SITES) and cache.width == 32
-    assert cache.manifest["complete"] is True and cache.manifest["tokens"] == chunks[0].tokens
-    _assert_chunks_equal(list(cache.chunks()), chunks[:1])
+    assert cache.manifest["complete"] is True and cache.manifest["tokens"] == seeded_source[0].tokens
+    _assert_chunks_equal(list(cache.chunks()), seeded_source[:1])
 
     first = out / "shard_00000.safetensors"
     first_bytes, first_mtime = first.read_bytes(), first.stat().st_mtime_ns
-    target = chunks[0].tokens + chunks[1].tokens
+    target = seeded_source[0].tokens + seeded_source[1].tokens
     seen.clear()
     cache = cache_activations(lm, ["embed", "layers.1"], str(corpus), target, out, PLAN, "all", seen.append)
-    assert seen == [chunks[1].tokens]  # resumed: chunk 0 was not recomputed
+    assert seen == [seeded_source[1].tokens]  # resumed: chunk 0 was not recomputed
     assert _shard_files(out) == ["shard_00000.safetensors", "shard_00001.safetensors"]
     assert first.stat().st_mtime_ns == first_mtime and first.read_bytes() == first_bytes
     assert cache.manifest["tokens"] == target
-    _assert_chunks_equal(list(cache.chunks()), chunks[:2])
-    _assert_chunks_equal(list(cache.chunks(start=1)), chunks[1:2])
+    _assert_chunks_equal(list(cache.chunks()), seeded_source[:2])
+    _assert_chunks_equal(list(cache.chunks(start=1)), seeded_source[1:2])
 
     fresh = cache_activations(lm, list(SITES), str(corpus), target, tmp_path / "fresh", PLAN, "all")
     assert fresh.manifest == cache.manifest
@@ -210,10 +322,10 @@ def test_cache_round_trip_resume_and_settings(
 
     # More tokens than the data holds: every chunk is cached, then the stream ends.
     everything = cache_activations(lm, list(SITES), str(corpus), 10**9, out, PLAN, "all")
-    assert everything.manifest["tokens"] == sum(c.tokens for c in chunks)
-    assert len(_shard_files(out)) == len(chunks)
-    _assert_chunks_equal(list(everything.chunks()), chunks)
-    all_rows = torch.cat([c.acts["layers.1"] for c in chunks])
+    assert everything.manifest["tokens"] == sum(c.tokens for c in seeded_source)
+    assert len(_shard_files(out)) == len(seeded_source)
+    _assert_chunks_equal(list(everything.chunks()), seeded_source)
+    all_rows = torch.cat([c.acts["layers.1"] for c in seeded_source])
     assert torch.equal(everything.site_tensor("layers.1"), all_rows)
     assert torch.equal(everything.site_tensor("layers.1", max_tokens=5), all_rows[:5])
 
@@ -222,15 +334,47 @@ def test_cache_round_trip_resume_and_settings(
         {"site_patterns": ["layers.0"]},
         {"plan": ChunkPlan(context_len=32, batch_size=4, batches_per_chunk=1)},
         {"split": "train"},
+        {"seed": 1},
+        {"seed": None},
     ):
         kwargs = {"site_patterns": list(SITES), "plan": PLAN, "split": "all", **changed}
         with pytest.raises(UserError, match="other settings.*choose a new --out folder"):
             cache_activations(lm, data=str(corpus), tokens=10**9, out=out, **kwargs)
         assert (out / MANIFEST).read_bytes() == manifest_bytes
+    # The window is applied on reading, so the cache is not tied to it: another mix_chunks resumes it.
+    assert "mix_chunks" not in everything.manifest["plan"] and everything.manifest["data_seed"] == 0
+    unmixed_plan = ChunkPlan(context_len=32, batch_size=2, batches_per_chunk=2, mix_chunks=1)
+    again = cache_activations(lm, list(SITES), str(corpus), 10**9, out, unmixed_plan, "all")
+    assert again.manifest == everything.manifest
+
+
+def test_cache_is_mixed_on_reading_with_any_seed(
+    lm: LoadedModel, corpus: Path, seeded_source: list[Chunk], tmp_path: Path
+) -> None:
+    cache = cache_activations(lm, list(SITES), str(corpus), 10**9, tmp_path, PLAN, "all")  # data seed 0
+    _assert_chunks_equal(list(cache.chunks()), seeded_source)  # stored unmixed
+    sites = resolve_sites(lm.model, SITES)
+    from_model = list(model_chunks(lm, sites, str(corpus), PLAN, split="all", seed=0))
+    # Read with the data seed and the same window, the cache gives exactly the model's mixed stream ...
+    _assert_chunks_equal(list(cache.chunks(seed=0, mix_chunks=PLAN.mix_chunks)), from_model)
+    # ... with any other seed, the stored chunks mixed by that seed, resumable at any chunk.
+    full = list(cache.chunks(seed=9, mix_chunks=2))
+    expected = list(mixed_chunks(lambda first: iter(seeded_source[first:]), 0, 2, seed=9))
+    _assert_chunks_equal(full, expected)
+    assert not torch.equal(full[0].acts["embed"], from_model[0].acts["embed"])
+    for start in range(len(full)):
+        _assert_chunks_equal(
+            list(cache.chunks(start, ["layers.1"], seed=9, mix_chunks=2)),
+            [Chunk(c.index, {"layers.1": c.acts["layers.1"]}) for c in full[start:]],
+        )
+    # A cache source reads it that way, with the seed and window it is given, and records them.
+    source = activation_source(activations=tmp_path, plan=PLAN, seed=9)
+    assert source.settings["data_seed"] == 9 and source.settings["mix_chunks"] == PLAN.mix_chunks
+    _assert_chunks_equal(list(source.chunks()), list(cache.chunks(seed=9, mix_chunks=PLAN.mix_chunks)))
 
 
 def test_cache_resumes_after_a_crash(
-    lm: LoadedModel, corpus: Path, chunks: list[Chunk], tmp_path: Path
+    lm: LoadedModel, corpus: Path, seeded_source: list[Chunk], tmp_path: Path
 ) -> None:
     out = tmp_path / "crashed"
 
@@ -245,15 +389,15 @@ def test_cache_resumes_after_a_crash(
     assert not list(out.glob(".*.tmp"))
     resumed = cache_activations(lm, list(SITES), str(corpus), 10**9, out, PLAN, "all")
     assert resumed.manifest["complete"] is True
-    _assert_chunks_equal(list(resumed.chunks()), chunks)
+    _assert_chunks_equal(list(resumed.chunks()), seeded_source)
 
 
 def test_cache_site_tensor_unknown_site(
-    lm: LoadedModel, corpus: Path, chunks: list[Chunk], tmp_path: Path
+    lm: LoadedModel, corpus: Path, seeded_source: list[Chunk], tmp_path: Path
 ) -> None:
     cache = cache_activations(lm, ["layers.1"], str(corpus), 1, tmp_path, PLAN, "all")
     assert cache.sites == ["layers.1"]
-    assert torch.equal(cache.site_tensor("layers.1"), chunks[0].acts["layers.1"])
+    assert torch.equal(cache.site_tensor("layers.1"), seeded_source[0].acts["layers.1"])
     with pytest.raises(UserError, match=r"site 'layers\.2' is not in the cache .* it has layers\.1$"):
         cache.site_tensor("layers.2")
     with pytest.raises(UserError, match="not in the cache"):
@@ -280,10 +424,10 @@ def test_check_finite_names_the_site() -> None:
 
 
 def test_cache_with_nan_shard_is_refused(
-    lm: LoadedModel, corpus: Path, chunks: list[Chunk], tmp_path: Path
+    lm: LoadedModel, corpus: Path, seeded_source: list[Chunk], tmp_path: Path
 ) -> None:
     cache = cache_activations(lm, list(SITES), str(corpus), 1, tmp_path, PLAN, "all")
-    poisoned = {name: tensor.clone() for name, tensor in chunks[0].acts.items()}
+    poisoned = {name: tensor.clone() for name, tensor in seeded_source[0].acts.items()}
     poisoned["layers.1"][3, 0] = float("nan")
     write_tensors(tmp_path / "shard_00000.safetensors", poisoned)
     with pytest.raises(UserError, match=r"at site layers\.1 in chunk 0 of the cache"):
@@ -297,3 +441,6 @@ def test_chunk_plan_validation() -> None:
         ChunkPlan(batch_size=0)
     with pytest.raises(UserError, match="context_len must be at least 1, got -3"):
         ChunkPlan(context_len=-3)
+    with pytest.raises(UserError, match="mix_chunks must be at least 1, got 0"):
+        ChunkPlan(mix_chunks=0)
+    assert ChunkPlan().mix_chunks == 4

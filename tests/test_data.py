@@ -19,10 +19,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from interlayer.data import (
+    SHUFFLE_BUFFER,
     Document,
+    buffer_shuffle,
     corpus_fingerprint,
     iter_documents,
     pack_contexts,
+    seeded_order,
     token_batches,
 )
 from interlayer.errors import UserError
@@ -142,6 +145,92 @@ def test_single_file_splits_by_record(tmp_path):
         "two",
         "three",
     ]
+
+
+# ---------------------------------------------------------------- seeded order
+
+
+def test_seeded_order_is_the_documented_hash_sort():
+    names = [f"file{i:02d}.txt" for i in range(30)]
+    order = seeded_order(names, 5)
+    assert order == sorted(names, key=lambda n: hashlib.sha256(f"5:{n}".encode()).hexdigest())
+    assert sorted(order) == names and order != names
+    assert seeded_order(names, 5) == order and seeded_order(names, 6) != order
+    assert seeded_order(names, None) == names
+    # A file keeps its place relative to the others when files are removed.
+    assert seeded_order(names[::2], 5) == [n for n in order if n in names[::2]]
+
+
+def test_buffer_shuffle_is_a_bounded_seeded_permutation():
+    items = list(range(200))
+    out = list(buffer_shuffle(items, 16, seed=3))
+    assert sorted(out) == items and out != items
+    assert list(buffer_shuffle(items, 16, seed=3)) == out
+    assert list(buffer_shuffle(items, 16, seed=4)) != out
+    # An item moves at most `buffer` places earlier (it is yielded after the buffer was filled past it).
+    assert all(position >= item - 16 for position, item in enumerate(out))
+    assert list(buffer_shuffle(items, 1, seed=3)) == items
+    everything = list(buffer_shuffle(items, 500, seed=3))  # a buffer larger than the input: one shuffle
+    assert sorted(everything) == items and everything[:20] != items[:20]
+    with pytest.raises(UserError, match="shuffle_buffer must be at least 1, got 0"):
+        list(buffer_shuffle(items, 0, seed=3))
+
+
+def write_record_files(root: Path, files: int = 3, records: int = 20) -> None:
+    for f in range(files):
+        (root / f"part{f}.jsonl").write_text(
+            "\n".join(json.dumps({"text": f"file {f} record {r}"}) for r in range(records)), encoding="utf-8"
+        )
+
+
+def test_seeded_documents_interleave_files_and_keep_the_split(tmp_path):
+    write_record_files(tmp_path)
+    spec = str(tmp_path)
+    fixed = [d.name for d in iter_documents(spec, "all")]
+    assert fixed == [f"part{f}.jsonl#{r}" for f in range(3) for r in range(20)]  # no seed: path order
+    mixed = [d.name for d in iter_documents(spec, "all", seed=0)]
+    assert sorted(mixed) == sorted(fixed) and mixed != fixed
+    assert [d.name for d in iter_documents(spec, "all", seed=0)] == mixed
+    assert [d.name for d in iter_documents(spec, "all", seed=1)] != mixed
+    # Records of different files interleave: the file changes far more often than the 2 times of path order.
+    files = [name.split("#")[0] for name in mixed]
+    changes = sum(a != b for a, b in zip(files, files[1:], strict=False))
+    assert changes > 20
+    # The first documents come from every file, not only the first one.
+    assert {name.split("#")[0] for name in mixed[:10]} == {f"part{f}.jsonl" for f in range(3)}
+    # The split does not depend on the seed: a unit (here a file) is in the same split for every seed.
+    for split in ("train", "validation"):
+        plain = {d.name for d in iter_documents(spec, split, 0.4)}
+        assert {d.name for d in iter_documents(spec, split, 0.4, seed=7)} == plain
+    # A small buffer still keeps each record within `shuffle_buffer` places of its seeded-file-order spot.
+    small = [d.name for d in iter_documents(spec, "all", seed=0, shuffle_buffer=4)]
+    assert sorted(small) == sorted(fixed) and small != mixed
+    with pytest.raises(UserError, match="shuffle_buffer must be at least 1"):
+        iter_documents(spec, "all", seed=0, shuffle_buffer=0)
+
+
+def test_seeded_single_file_records_are_shuffled(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"record {i}"}) for i in range(50)), encoding="utf-8")
+    names = [d.name for d in iter_documents(str(path), "all", seed=2)]
+    assert sorted(names) == sorted(f"data.jsonl#{i}" for i in range(50))
+    assert names != [f"data.jsonl#{i}" for i in range(50)]
+    assert SHUFFLE_BUFFER >= 50  # so one shuffle of the whole file, fixed by the seed:
+    assert names == list(buffer_shuffle([f"data.jsonl#{i}" for i in range(50)], SHUFFLE_BUFFER, 2))
+
+
+def test_seeded_stdlib_order_is_the_hash_order_of_its_files():
+    fixed = [d.name for d in itertools.islice(iter_documents("stdlib:docs", "train"), 8)]
+    seeded = [d.name for d in itertools.islice(iter_documents("stdlib:docs", "train", seed=0), 8)]
+    assert seeded == [d.name for d in itertools.islice(iter_documents("stdlib:docs", "train", seed=0), 8)]
+    assert seeded != fixed[:8] and seeded != [
+        d.name for d in itertools.islice(iter_documents("stdlib:docs", "train", seed=1), 8)
+    ]
+    keys = [hashlib.sha256(f"0:{name}".encode()).digest() for name in seeded]
+    assert keys == sorted(keys)  # no shuffle buffer for the stdlib: files in hash order
+    assert not any(is_validation(n) for n in seeded)
+    # Files from all over the library come first, not the first few in path order.
+    assert len({n.split("/")[0] for n in seeded}) >= 4
 
 
 def test_empty_data_raises(tmp_path):
