@@ -89,7 +89,7 @@ class DemoContext:
 def sae_stage(ctx: DemoContext) -> list[Section]:
     cfg, lm = ctx.cfg, ctx.lm
     plan = ChunkPlan(cfg.context_len, batch_size=32, batches_per_chunk=4)
-    source = model_source(lm, cfg.sites, cfg.data, plan)
+    source = model_source(lm, cfg.sites, cfg.data, plan, seed=cfg.seed)
     train_cfg = TrainConfig(
         tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, checkpoint_seconds=60
     )

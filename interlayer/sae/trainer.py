@@ -303,7 +303,9 @@ def train_saes(
     try:
         started = time.monotonic()
         last_checkpoint = time.monotonic()
+        streamed = 0  # rows of the chunks this session read
         for chunk in chunks(state["chunk"]):
+            streamed += chunk.tokens
             missing = set(local_cfgs) - chunk.acts.keys()
             if missing:
                 raise UserError(f"the activation stream lacks site(s) {', '.join(sorted(missing))}")
@@ -339,14 +341,19 @@ def train_saes(
                 # by data, every rank holds the same state and rank 0 writes it
                 _write_checkpoint(out, trainers, state, summaries, group, owner=by_site or group.is_main)
                 last_checkpoint = time.monotonic()
-        if not trainers:
-            raise UserError("the activation stream is empty: the data produced no tokens")
         if state["step"] < train_cfg.steps:
             if group.is_main and not checkpoint_exists(out):
                 (out / RUN_FILE).unlink()  # nothing to resume: let the same folder take a smaller run
+            used = state["step"] * train_cfg.batch_size
+            if used == 0:
+                raise UserError(
+                    f"the data gave {streamed:,} training tokens, fewer than one batch of {train_cfg.batch_size:,} "
+                    "(--batch-size); lower --batch-size and --tokens, or give more data"
+                )
             raise UserError(
-                f"the data ran out after {state['step'] * train_cfg.batch_size} tokens of the {train_cfg.tokens} asked for; "
-                "give more data or fewer --tokens"
+                f"the data ran out after {used:,} training tokens of the {train_cfg.tokens:,} asked for (one pass; "
+                f"each chunk's ragged end of fewer than --batch-size tokens is left out); pass --tokens {used} "
+                "or fewer, or give more data"
             )
         for site, trainer in trainers.items():
             if by_site or group.is_main:

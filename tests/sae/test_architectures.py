@@ -278,7 +278,9 @@ def test_kron_sae_init_and_shape_validation() -> None:
     assert isinstance(sae, KronSAE) and sae.cfg.heads == 6 and sae.W_enc_GD.shape == (36, D)
     sae.initialise_(torch.Generator().manual_seed(0))
     rows = sae.W_enc_GD.detach()
-    want = rows[2 * 2 + 1] + rows[6 * 2 + 2 * 4 + 3]  # latent (head 2, i 1, j 3) = P_{2,1} + Q_{2,3}, normalised
+    want = (
+        rows[2 * 2 + 1] + rows[6 * 2 + 2 * 4 + 3]
+    )  # latent (head 2, i 1, j 3) = P_{2,1} + Q_{2,3}, normalised
     torch.testing.assert_close(sae.W_dec_FD[2 * 8 + 1 * 4 + 3].detach(), want / want.norm())
     with pytest.raises(UserError, match="heads·m·n = latents"):
         make_config("kron", d_in=D, latents=48, k=4, heads=5, m=2, n=4)

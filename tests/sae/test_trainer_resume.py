@@ -57,7 +57,7 @@ def test_checkpoint_frequency_may_change_on_resume(tmp_path: Path) -> None:
 
 def test_data_shortfall_lets_the_same_folder_take_a_smaller_run(tmp_path: Path) -> None:
     big = TrainConfig(tokens=8192, batch_size=256, checkpoint_seconds=1e9)
-    with pytest.raises(UserError, match="ran out after 4096 tokens"):
+    with pytest.raises(UserError, match="ran out after 4,096 training tokens"):
         train_saes(tmp_path, chunks_of(DATA, 512), CFGS, big, {})
     assert not (tmp_path / RUN_FILE).exists()
     assert train_saes(tmp_path, chunks_of(DATA, 512), CFGS, TRAIN, {})["tokens"] == 3072
