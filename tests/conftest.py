@@ -6,6 +6,7 @@ special-token handling are exercised with a real tokenizer while the models stay
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from interlayer.models import minilm_path
 
 WIDTH = 32
 LAYERS = 3
+TEST_DEVICE = torch.device(os.environ.get("INTERLAYER_TEST_DEVICE", "cpu"))
+"""Where the SAE tests put their SAEs, tensors and training runs (``INTERLAYER_TEST_DEVICE=cuda`` on a GPU
+machine, as ``benchmarks/gpu_check.sh`` does); the CPU everywhere else."""
 
 
 def tiny_config(family: str, vocab: int) -> tuple[T.PretrainedConfig, type]:

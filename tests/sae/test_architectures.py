@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEST_DEVICE
 
 from interlayer.errors import UserError
 from interlayer.sae import ARCHITECTURES, build_sae, hierarchical, load_sae, make_config, save_sae
@@ -41,7 +42,14 @@ def random_sae(architecture: str, seed: int = 0):
         if hasattr(sae, "threshold") and isinstance(sae.threshold, torch.Tensor) and sae.threshold.dim() == 0:
             sae.threshold.fill_(0.2)
         sae.normalise_decoder_()
-    return sae
+    return sae.to(TEST_DEVICE)
+
+
+def rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Standard normal float64 values on the test device."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(
+        TEST_DEVICE
+    )
 
 
 def test_registry_is_the_one_table() -> None:
@@ -59,7 +67,7 @@ def _small(name: str) -> dict:
 @pytest.mark.parametrize("architecture", list(OPTIONS))
 def test_any_leading_shape_and_dtype(architecture: str) -> None:
     sae = random_sae(architecture)
-    x_BTD = torch.randn(3, 5, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x_BTD = rand(3, 5, D, seed=1)
     flat = sae(x_BTD.reshape(15, D))
     torch.testing.assert_close(sae(x_BTD), flat.reshape(3, 5, D), rtol=0, atol=0)
     z = sae.encode(x_BTD)
@@ -70,16 +78,16 @@ def test_any_leading_shape_and_dtype(architecture: str) -> None:
     # a float32 input is computed in the SAE's dtype and returned as float32
     assert sae(x_BTD.float()).dtype == torch.float32
     with pytest.raises(UserError, match="last dimension is 7"):
-        sae(torch.zeros(2, 7, dtype=torch.float64))
+        sae(torch.zeros(2, 7, dtype=torch.float64, device=TEST_DEVICE))
 
 
 @pytest.mark.parametrize("architecture", list(OPTIONS))
 def test_save_load_round_trip(architecture: str, tmp_path: Path) -> None:
     sae = random_sae(architecture, seed=3).float()
     save_sae(sae, tmp_path / "sae")
-    loaded = load_sae(tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae", device=TEST_DEVICE)
     assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
-    x = torch.randn(9, D, generator=torch.Generator().manual_seed(2))
+    x = rand(9, D, seed=2).float()
     torch.testing.assert_close(loaded(x), sae(x).detach(), rtol=1e-6, atol=1e-6)
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == architecture and cfg["version"] == 2
@@ -92,18 +100,18 @@ def test_format_1_folder_still_loads(tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "old" / "cfg.json").read_text())
     cfg["version"] = 1
     (tmp_path / "old" / "cfg.json").write_text(json.dumps(cfg))
-    loaded = load_sae(tmp_path / "old")
-    x = torch.randn(4, D, generator=torch.Generator().manual_seed(0))
+    loaded = load_sae(tmp_path / "old", device=TEST_DEVICE)
+    x = rand(4, D).float()
     torch.testing.assert_close(loaded(x), sae(x).detach())
 
 
 def test_k_at_inference_only_where_there_is_a_k() -> None:
     with pytest.raises(UserError, match="jumprelu SAE has no k"):
-        random_sae("jumprelu").encode(torch.zeros(1, D, dtype=torch.float64), k=2)
+        random_sae("jumprelu").encode(torch.zeros(1, D, dtype=torch.float64, device=TEST_DEVICE), k=2)
     with pytest.raises(UserError, match="exceeds K = 6"):
-        random_sae("hierarchical").encode(torch.zeros(1, D, dtype=torch.float64), k=7)
+        random_sae("hierarchical").encode(torch.zeros(1, D, dtype=torch.float64, device=TEST_DEVICE), k=7)
     topk = random_sae("topk")
-    x = torch.randn(20, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = rand(20, D, seed=5)
     assert int((topk.encode(x, k=9) != 0).sum(-1).max()) == 9  # TopK can be asked for more than its k
     # BatchTopK at a given k is TopK inference on its pre-activations
     batch = random_sae("batchtopk")
@@ -149,7 +157,7 @@ def test_prefix_loss_and_every_gradient_match_the_naive_reference(
 
 def test_hierarchical_training_loss_is_the_mean_over_sorted_prefixes() -> None:
     sae = random_sae("hierarchical")
-    x = torch.randn(10, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = rand(10, D, seed=4)
     out = sae.training_forward(x, None, 0)
     pre = sae.pre_activations(x).relu()
     top = pre.topk(6, dim=1)  # sorted descending
@@ -166,7 +174,7 @@ def test_hierarchical_training_loss_is_the_mean_over_sorted_prefixes() -> None:
 def test_matryoshka_loss_is_the_sum_over_nested_prefixes() -> None:
     sae = random_sae("matryoshka")
     assert isinstance(sae, MatryoshkaSAE)
-    x = torch.randn(16, D, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    x = rand(16, D, seed=6)
     out = sae.training_forward(x, None, 0)
     pre = sae.pre_activations(x).relu()
     flat = pre.flatten()
@@ -189,6 +197,7 @@ def test_matryoshka_prefix_validation() -> None:
 def test_factorised_post_latents_equal_every_explicit_pair() -> None:
     cfg = KronConfig(d_in=D, latents=3 * 2 * 5, k=4, m=2, n=5)
     pre = torch.rand(4, cfg.encoder_rows, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pre = pre.to(TEST_DEVICE)
     pre[pre < 0.3] = 0  # some factors inactive
     z = mand_pairs(pre, cfg)
     for b in range(4):
@@ -205,10 +214,14 @@ def test_factorised_post_latents_equal_every_explicit_pair() -> None:
 def test_kron_topk_equals_topk_of_the_dense_post_latents(m: int, n: int, heads: int, k: int) -> None:
     cfg = KronConfig(d_in=D, latents=heads * m * n, k=k, heads=heads, m=m, n=n)
     g = torch.Generator().manual_seed(heads)
-    x = torch.randn(7, D, generator=g, dtype=torch.float64)
-    W = torch.randn(cfg.encoder_rows, D, generator=g, dtype=torch.float64, requires_grad=True)
-    b = (torch.randn(cfg.encoder_rows, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
-    dead = torch.rand(cfg.latents, generator=g) < 0.5
+    x = torch.randn(7, D, generator=g, dtype=torch.float64).to(TEST_DEVICE)
+    W = torch.randn(cfg.encoder_rows, D, generator=g, dtype=torch.float64).to(TEST_DEVICE).requires_grad_()
+    b = (
+        (torch.randn(cfg.encoder_rows, generator=g, dtype=torch.float64) * 0.5)
+        .to(TEST_DEVICE)
+        .requires_grad_()
+    )
+    dead = (torch.rand(cfg.latents, generator=g) < 0.5).to(TEST_DEVICE)
     values, indices, aux_values, aux_indices = kron_topk(x, W, b, cfg, k, dead, 3)
     pre = torch.addmm(b, x, W.T).relu()
     dense = mand_pairs(pre.detach(), cfg)
@@ -222,8 +235,8 @@ def test_kron_topk_equals_topk_of_the_dense_post_latents(m: int, n: int, heads: 
     )
     assert bool(dead[aux_indices].all())
     # gradients: the selected post-latents recomputed with autograd from the same pre-activations
-    weights = torch.randn(values.shape, generator=g, dtype=torch.float64)
-    aux_weights = torch.randn(aux_values.shape, generator=g, dtype=torch.float64)
+    weights = torch.randn(values.shape, generator=g, dtype=torch.float64).to(TEST_DEVICE)
+    aux_weights = torch.randn(aux_values.shape, generator=g, dtype=torch.float64).to(TEST_DEVICE)
     got = torch.autograd.grad((values * weights).sum() + (aux_values * aux_weights).sum(), (W, b))
 
     def selected(idx: torch.Tensor) -> torch.Tensor:
@@ -252,9 +265,10 @@ def test_mand_boundary_values_and_gradients() -> None:
         "negative": (-1.0, 2.0, -3.0, 5.0),
     }
     for name, (p0, p1, q0, q1) in cases.items():
-        b = torch.tensor([p0, p1, q0, q1], dtype=torch.float64, requires_grad=True)
-        W = torch.zeros(4, 2, dtype=torch.float64, requires_grad=True)
-        values, indices, _, _ = kron_topk(torch.zeros(1, 2, dtype=torch.float64), W, b, cfg, 4)
+        b = torch.tensor([p0, p1, q0, q1], dtype=torch.float64, device=TEST_DEVICE, requires_grad=True)
+        W = torch.zeros(4, 2, dtype=torch.float64, device=TEST_DEVICE, requires_grad=True)
+        x = torch.zeros(1, 2, dtype=torch.float64, device=TEST_DEVICE)
+        values, indices, _, _ = kron_topk(x, W, b, cfg, 4)
         (grad_b,) = torch.autograd.grad(values.sum(), (b,))
         p, q = [max(p0, 0), max(p1, 0)], [max(q0, 0), max(q1, 0)]
         want_grad = [0.0] * 4
@@ -266,7 +280,9 @@ def test_mand_boundary_values_and_gradients() -> None:
                 want_grad[i] += q[j] / (2 * z)
                 want_grad[2 + j] += p[i] / (2 * z)
         assert torch.isfinite(grad_b).all(), name
-        torch.testing.assert_close(grad_b, torch.tensor(want_grad, dtype=torch.float64), rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            grad_b.cpu(), torch.tensor(want_grad, dtype=torch.float64), rtol=1e-12, atol=0
+        )
         if name == "tiny p":  # z = 1e-15 and ∂z/∂p = ½√(q/p) = 5e14, large but finite
             assert float(grad_b[0]) == pytest.approx(5e14, rel=1e-9)
         if name == "both zero":
@@ -292,7 +308,7 @@ def test_kron_sae_init_and_shape_validation() -> None:
 def test_jumprelu_forward_penalty_and_straight_through_gradients() -> None:
     sae = random_sae("jumprelu")
     assert isinstance(sae, JumpReLUSAE)
-    x = torch.randn(30, D, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x = rand(30, D, seed=8)
     pre = sae.pre_activations(x).detach()
     theta = sae.threshold_F.detach()
     z = pre * (pre > theta)
@@ -325,7 +341,7 @@ def test_jumprelu_file_stores_the_threshold_itself(tmp_path: Path) -> None:
     sae = random_sae("jumprelu").float()
     save_sae(sae, tmp_path / "j")
     stored = load_file(str(tmp_path / "j" / "sae.safetensors"))
-    torch.testing.assert_close(stored["threshold"], sae.threshold_F.detach())
+    torch.testing.assert_close(stored["threshold"], sae.threshold_F.detach().cpu())
     stored["threshold"][0] = -1.0
     from safetensors.torch import save_file
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TEST_DEVICE
 
 from interlayer.sae.kernels import FusedTopKEncode, fused_topk_encode, sparse_decode
 
@@ -37,7 +38,7 @@ def make_inputs(seed: int, dtype: torch.dtype = torch.float64, bias_shift: float
     if bias_shift < 0:
         # rows of growing norm under a negative bias: the first rows have few or no positive pre-activations
         x = x * torch.linspace(0.05, 1.5, B, dtype=dtype)[:, None]
-    return x, W, b
+    return x.to(TEST_DEVICE), W.to(TEST_DEVICE), b.to(TEST_DEVICE)
 
 
 def test_forward_matches_dense_reference() -> None:

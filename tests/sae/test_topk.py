@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEST_DEVICE
 
 from interlayer.activations import Chunk
 from interlayer.sae.architectures import build_sae, make_config
@@ -285,7 +286,15 @@ def small_run(
         if aux_losses is not None:
             aux_losses.append(summaries["site"].aux_loss)
 
-    return train_saes(out, chunks, {"site": sae_cfg}, train_cfg, {"data": "planted-small"}, on_step=on_step)
+    return train_saes(
+        out,
+        chunks,
+        {"site": sae_cfg},
+        train_cfg,
+        {"data": "planted-small"},
+        device=str(TEST_DEVICE),
+        on_step=on_step,
+    )
 
 
 class Interrupted(Exception):

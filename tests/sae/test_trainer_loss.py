@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TEST_DEVICE
 
 from interlayer.sae import TrainConfig, make_config
 from interlayer.sae.trainer import SiteTrainer
@@ -16,7 +17,7 @@ def trainer_with_grads(architecture: str, options: dict, input_scale: float = 1.
     """A SiteTrainer in float64 whose optimiser step records the gradients it is handed (lr 0: no update)."""
     cfg = make_config(architecture, d_in=D, latents=F, **options)
     train = TrainConfig(tokens=64, batch_size=B, k_aux=K_AUX, dead_tokens=5, aux_alpha=0.25, lr=1e-3)
-    trainer = SiteTrainer(cfg, train, input_scale, torch.device("cpu"))
+    trainer = SiteTrainer(cfg, train, input_scale, TEST_DEVICE)
     trainer.sae.double()
     trainer.optimizer = torch.optim.Adam(trainer.sae.parameters(), lr=0.0)
     g = torch.Generator().manual_seed(0)
@@ -38,9 +39,11 @@ def trainer_with_grads(architecture: str, options: dict, input_scale: float = 1.
 def test_topk_step_loss_aux_weight_and_projection_by_hand() -> None:
     trainer, grads = trainer_with_grads("topk", {"k": K})
     sae = trainer.sae
-    dead = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 0, 0], dtype=torch.bool)  # 4 dead latents
+    dead = torch.tensor(
+        [0, 1, 1, 0, 1, 0, 0, 1, 0, 0], dtype=torch.bool, device=TEST_DEVICE
+    )  # 4 dead latents
     trainer.since_fired_F[dead] = 100
-    x_raw = torch.randn(B, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x_raw = torch.randn(B, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(TEST_DEVICE)
     params = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
 
     # the loss, written out
@@ -80,7 +83,7 @@ def test_jumprelu_penalty_is_divided_by_the_batch_size() -> None:
         "jumprelu", {"l0_coefficient": 0.01, "bandwidth": 0.5}, input_scale=1.0
     )
     sae = trainer.sae
-    x = torch.randn(B, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(TEST_DEVICE)
     with torch.no_grad():
         pre = sae.pre_activations(x)
         theta = sae.threshold_F

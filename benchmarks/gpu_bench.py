@@ -1,0 +1,128 @@
+"""SAE training on a GPU: interlayer's TopK, BatchTopK and HierarchicalTopK against EleutherAI sparsify's TopK
+on the same activations, in one run (part of ``benchmarks/gpu_check.sh``).
+
+Activations: MiniLM ``layers.3`` on ``stdlib:docs`` (train split for training, validation split held out),
+the model forward under bf16 autocast; the SAEs keep fp32 master weights and read fp32 activations, which sit
+on the device before the clock starts. Each SAE trains one pass over the same tokens, one optimiser step per
+batch, each library with its own defaults (sparsify: schedule-free signum); reported: training tokens per
+second (the clock stops after a device synchronise), held-out FVU (pooled, the same function for all), L0,
+and each row's speed relative to sparsify's TopK.
+
+    python benchmarks/gpu_bench.py [--device cuda] [--quick]     # prints a table; JSON to --out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import PeerResult, evaluate, train_sparsify  # noqa: E402
+
+from interlayer.activations import Chunk, ChunkPlan, model_chunks  # noqa: E402
+from interlayer.models import load_model  # noqa: E402
+from interlayer.sae import TrainConfig, load_sae, make_config  # noqa: E402
+from interlayer.sae.trainer import train_saes  # noqa: E402
+from interlayer.sites import resolve_sites  # noqa: E402
+
+SITE = "layers.3"
+
+
+def activations(lm, split: str, tokens: int, device: torch.device) -> torch.Tensor:
+    """``tokens`` kept-token activations at SITE, the model run under bf16 autocast, as fp32 on ``device``."""
+    parts, total = [], 0
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        for chunk in model_chunks(
+            lm, resolve_sites(lm.model, SITE), "stdlib:docs", ChunkPlan(128, 64, 4), split
+        ):
+            parts.append(chunk.acts[SITE].float())
+            total += chunk.tokens
+            if total >= tokens:
+                break
+    return torch.cat(parts)[:tokens].to(device)
+
+
+def train_ours(
+    architecture: str, train_ND: torch.Tensor, heldout_ND: torch.Tensor, latents: int, k: int, batch: int
+) -> PeerResult:
+    chunk_rows = 16 * batch
+
+    def chunks(start: int) -> Iterator[Chunk]:
+        for index in range(start, train_ND.shape[0] // chunk_rows + 1):
+            rows = train_ND[index * chunk_rows : (index + 1) * chunk_rows]
+            if rows.shape[0] >= batch:
+                yield Chunk(index, {SITE: rows})
+
+    tokens = (train_ND.shape[0] // batch) * batch
+    cfg = TrainConfig(tokens=tokens, batch_size=batch, checkpoint_seconds=1e9)
+    sae_cfg = make_config(architecture, d_in=train_ND.shape[1], latents=latents, k=k)
+    device = str(train_ND.device)
+    with tempfile.TemporaryDirectory() as out:
+        if train_ND.is_cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        train_saes(out, chunks, {SITE: sae_cfg}, cfg, {}, device=device)
+        if train_ND.is_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        sae = load_sae(Path(out) / SITE, device=device)
+    fvu, l0 = evaluate(lambda x: sae.reconstruct(x), heldout_ND)
+    return PeerResult(f"interlayer {architecture}", "0.1.0", tokens, seconds, tokens / seconds, fvu, l0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="A small run that checks the script end to end.")
+    parser.add_argument("--tokens", type=int, default=400 * 4096)
+    parser.add_argument("--latents", type=int, default=32_768)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_bench.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.latents, args.batch_size = 8 * 1024, 2048, 1024
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    lm = load_model("minilm", device=str(device))
+    train_ND = activations(lm, "train", args.tokens, device)
+    heldout_ND = activations(lm, "validation", max(4096, args.tokens // 16), device)
+    del lm
+    shape = (args.latents, args.k, args.batch_size)
+    results = [
+        train_sparsify(train_ND, heldout_ND, *shape, None, 0, device=str(device)),
+        *(train_ours(a, train_ND, heldout_ND, *shape) for a in ("topk", "batchtopk", "hierarchical")),
+    ]
+    base = results[0].tokens_per_s
+    print(f"\nGPU SAE training: d = {train_ND.shape[1]}, F = {args.latents}, k = {args.k} (hierarchical: K = k), "
+          f"batch {args.batch_size}, {results[0].tokens} tokens, {device} "
+          f"({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()})")  # fmt: skip
+    print("| run | tokens/s | vs sparsify topk | held-out FVU | L0 | s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r.name} {r.version} | {r.tokens_per_s:,.0f} | {r.tokens_per_s / base:.2f}× | {r.fvu:.4f} "
+            f"| {r.l0:.1f} | {r.seconds:.1f} |"
+        )
+    report = {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "results": [r.__dict__ for r in results],
+    }
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
