@@ -131,7 +131,8 @@ def source_chunks(
     ``data`` in the order of ``seed`` (:func:`interlayer.data.iter_documents`); ``deal`` as in
     :func:`model_chunks`."""
     docs = iter_documents(data, split=split, seed=seed)
-    batches = token_batches(lm.tokenizer, docs, plan.context_len, plan.batch_size)  # a short last batch counts
+    # a short last batch counts too: a corpus smaller than one batch still yields its tokens
+    batches = token_batches(lm.tokenizer, docs, plan.context_len, plan.batch_size)
     batches = itertools.islice(batches, start * plan.batches_per_chunk, None)
     for index in itertools.count(start):
         group = list(itertools.islice(batches, plan.batches_per_chunk))

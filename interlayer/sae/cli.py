@@ -164,7 +164,13 @@ def sae_train(
     device = rank_device(device)
     plan = ChunkPlan(context_len, model_batch_size, chunk_batches)
     source = activation_source(
-        model=model, sites=sites, data=data, activations=activations, plan=plan, device=device, dtype=dtype,
+        model=model,
+        sites=sites,
+        data=data,
+        activations=activations,
+        plan=plan,
+        device=device,
+        dtype=dtype,
         seed=seed,
     )
     with progress_bar(f"training {len(source.sites)} SAE(s)", train_cfg.steps, visible=group.is_main) as bar:
