@@ -95,10 +95,14 @@ def main() -> None:
             check=True,
         )
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{name:28s} {results[name]['median_s'] * 1e3:9.1f} ms  peak {results[name]['peak_mb']:8.1f} MB")
+        print(
+            f"{name:28s} {results[name]['median_s'] * 1e3:9.1f} ms  peak {results[name]['peak_mb']:8.1f} MB"
+        )
     ratios = {
-        "hierarchical_time_vs_topk": results["hierarchical K=64"]["median_s"] / results["topk k=64"]["median_s"],
-        "hierarchical_memory_vs_topk": results["hierarchical K=64"]["peak_mb"] / results["topk k=64"]["peak_mb"],
+        "hierarchical_time_vs_topk": results["hierarchical K=64"]["median_s"]
+        / results["topk k=64"]["median_s"],
+        "hierarchical_memory_vs_topk": results["hierarchical K=64"]["peak_mb"]
+        / results["topk k=64"]["peak_mb"],
     }
     for name in CASES:
         if name.startswith("kron"):
