@@ -91,6 +91,12 @@ def _readme_use(patch: pytest.MonkeyPatch, tmp: Path, _tiny: dict[str, Path]) ->
         assert seen[0].shape == (int(keep_BT.sum()), 384)
         assert torch.equal(ns["out"].last_hidden_state, again)
         assert not torch.equal(again, lm.model(**inputs).last_hidden_state)  # the SAE changed the output
+        x_BTD = ns["acts"]["layers.3"]
+        torch.testing.assert_close(ns["x_hat"], sae(x_BTD.reshape(-1, 384)).reshape(x_BTD.shape))
+        pre = (x_BTD - sae.b_dec_D) @ sae.W_enc_FD.T + sae.b_enc_F
+        top = pre.relu().topk(8, dim=-1)
+        want = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+        torch.testing.assert_close(ns["codes"], want)
 
     return {}, check
 
@@ -158,7 +164,23 @@ def _zoo_use(patch: pytest.MonkeyPatch, tmp: Path, _tiny: dict[str, Path]) -> tu
     return {}, check
 
 
+def _saes_use(_patch: pytest.MonkeyPatch, _tmp: Path, _tiny: dict[str, Path]) -> tuple[dict[str, Any], Check]:
+    """docs/saes.md builds a HierarchicalTopK SAE and evaluates it at k = 16: the result must be the 16-latent
+    prefix, computed here from the weights."""
+
+    def check(ns: dict[str, Any]) -> None:
+        sae, x = ns["sae"], ns["x"]
+        pre = (x - sae.b_dec_D) @ sae.W_enc_FD.T + sae.b_enc_F
+        top = pre.relu().topk(16, dim=-1)
+        want = (top.values[..., None] * sae.W_dec_FD[top.indices]).sum(-2) + sae.b_dec_D
+        torch.testing.assert_close(ns["x_hat"], want, rtol=1e-5, atol=1e-5)
+        assert int((ns["z"] != 0).sum()) == int((top.values > 0).sum())
+
+    return {}, check
+
+
 SETUPS: dict[str, Setup] = {
+    "docs/saes.md": _saes_use,
     "README.md": _readme_use,
     "docs/models-sites-activations.md": _sites_fragment,
     "docs/zoo.md": _zoo_use,
