@@ -27,7 +27,7 @@ import torch.nn.functional as F
 _WORKSPACE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _workspace(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+def workspace(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     """A reused [rows, cols] buffer for the dense pre-activations, which are never kept past one forward.
 
     Allocating a fresh B×F tensor every step costs more than the bias add itself on CPU (a large allocation
@@ -58,9 +58,7 @@ class FusedTopKEncode(torch.autograd.Function):
         dead_F: torch.Tensor | None,
         k_aux: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        pre_BF = torch.addmm(
-            b_enc_F, x_BD, W_enc_FD.T, out=_workspace(x_BD.shape[0], W_enc_FD.shape[0], x_BD)
-        )
+        pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_FD.T, out=workspace(x_BD.shape[0], W_enc_FD.shape[0], x_BD))
         values_BK, indices_BK = pre_BF.topk(k, dim=1, sorted=False)
         values_BK = values_BK.clamp_(min=0)
         aux_values_BA = x_BD.new_zeros(x_BD.shape[0], 0)

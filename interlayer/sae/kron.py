@@ -2,8 +2,9 @@
 
 A factorised encoder: one matrix W_enc of shape h·(m+n) × d with bias,
 
-    pre = ReLU(W_enc (x − b_dec) + b_enc) = [p_{1,1..m}, …, p_{h,1..m}, q_{1,1..n}, …, q_{h,1..n}]
-          (all p rows first, then all q rows, so that both are contiguous [h, m] and [h, n] views),
+    pre = ReLU(W_enc (x − b_dec) + b_enc) = [p_{1..h,1}, …, p_{1..h,m}, q_{1..h,1}, …, q_{1..h,n}]
+          (factor-major rows: p_{h,i} is row i·h + h, q_{h,j} row h·m + j·h + h, so the per-head maxima
+          are element-wise maxima of contiguous [B, h] slabs),
     z_{h,i,j} = mAND(p_{h,i}, q_{h,j}) = √(p_{h,i} · q_{h,j}),   latent f = h·m·n + i·n + j  (F = h·m·n, m ≤ n),
 
 then TopK over the F post-latents and the ordinary F×d decoder: x̂ = W_decᵀ TopK(z) + b_dec. The encoder costs
@@ -41,7 +42,7 @@ from torch import nn
 from interlayer.errors import UserError
 from interlayer.sae.base import SparseAutoencoder, TrainingOutput
 from interlayer.sae.config import KConfig, SAEConfig
-from interlayer.sae.kernels import sparse_decode, sparse_linear_backward
+from interlayer.sae.kernels import sparse_decode, sparse_linear_backward, workspace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,21 +78,22 @@ class KronConfig(KConfig):
 
 
 def p_column(latent: torch.Tensor, cfg: KronConfig) -> torch.Tensor:
-    """The encoder row of p_{h,i} for latent f = h·m·n + i·n + j: row h·m + i (all p rows come first)."""
-    return latent.div(cfg.m * cfg.n, rounding_mode="floor") * cfg.m + (latent % (cfg.m * cfg.n)).div(
-        cfg.n, rounding_mode="floor"
+    """The encoder row of p_{h,i} for latent f = h·m·n + i·n + j: row i·heads + h."""
+    return (latent % (cfg.m * cfg.n)).div(cfg.n, rounding_mode="floor") * cfg.heads + latent.div(
+        cfg.m * cfg.n, rounding_mode="floor"
     )
 
 
 def q_column(latent: torch.Tensor, cfg: KronConfig) -> torch.Tensor:
-    """The encoder row of q_{h,j} for latent f = h·m·n + i·n + j: row h·m_total + h·n + j."""
-    return cfg.heads * cfg.m + latent.div(cfg.m * cfg.n, rounding_mode="floor") * cfg.n + latent % cfg.n
+    """The encoder row of q_{h,j} for latent f = h·m·n + i·n + j: row heads·m + j·heads + h."""
+    return cfg.heads * cfg.m + (latent % cfg.n) * cfg.heads + latent.div(cfg.m * cfg.n, rounding_mode="floor")
 
 
 def mand_pairs(pre_BG: torch.Tensor, cfg: KronConfig) -> torch.Tensor:
     """Every post-latent z [B, F] from ReLU'd pre-activations [B, h(m+n)] (the explicit dense reference)."""
     B, split = pre_BG.shape[0], cfg.heads * cfg.m
-    p_BHM, q_BHN = pre_BG[:, :split].view(B, cfg.heads, cfg.m), pre_BG[:, split:].view(B, cfg.heads, cfg.n)
+    p_BHM = pre_BG[:, :split].view(B, cfg.m, cfg.heads).transpose(1, 2)
+    q_BHN = pre_BG[:, split:].view(B, cfg.n, cfg.heads).transpose(1, 2)
     return (p_BHM[..., :, None] * q_BHN[..., None, :]).sqrt().reshape(B, -1)
 
 
@@ -110,31 +112,41 @@ class KronTopK(torch.autograd.Function):
         dead_F: torch.Tensor | None,
         k_aux: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        h, m, n = cfg.heads, cfg.m, cfg.n
-        B = x_BD.shape[0]
-        pre_BG = torch.addmm(b_enc_G, x_BD, W_enc_GD.T).relu_()
-        p_BHM, q_BHN = pre_BG[:, : h * m].view(B, h, m), pre_BG[:, h * m :].view(B, h, n)
-        heads_BJ = (p_BHM.amax(-1) * q_BHN.amax(-1)).topk(min(k, h), dim=1, sorted=False).indices
-        p_BJM = p_BHM.gather(1, heads_BJ[..., None].expand(-1, -1, m))
-        q_BJN = q_BHN.gather(1, heads_BJ[..., None].expand(-1, -1, n))
-        products_BC = (p_BJM[..., :, None] * q_BJN[..., None, :]).flatten(1)
-        _, where_BK = products_BC.topk(k, dim=1, sorted=False)
-        slot_BK, pair_BK = where_BK.div(m * n, rounding_mode="floor"), where_BK % (m * n)
+        h, m, n, mn = cfg.heads, cfg.m, cfg.n, cfg.m * cfg.n
+        B, kh = x_BD.shape[0], min(k, h)
+        pre_BG = torch.addmm(b_enc_G, x_BD, W_enc_GD.T, out=workspace(B, W_enc_GD.shape[0], x_BD))
+        p_BMH, q_BNH = pre_BG[:, : h * m].view(B, m, h), pre_BG[:, h * m :].view(B, n, h)
+        # ReLU is applied to the few values read below, never to the whole [B, h(m+n)] block; the maxima
+        # over i and j run across contiguous [B, h] slabs (rows are factor-major, see p_column)
+        head_max_BH = p_BMH.amax(1).clamp_min_(0).mul_(q_BNH.amax(1).clamp_min_(0))
+        heads_BJ = head_max_BH.topk(kh, dim=1, sorted=False).indices
+        p_BMJ = p_BMH.gather(2, heads_BJ[:, None, :].expand(-1, m, -1)).clamp_min_(0)
+        q_BNJ = q_BNH.gather(2, heads_BJ[:, None, :].expand(-1, n, -1)).clamp_min_(0)
+        products_BC = (p_BMJ[:, :, None, :] * q_BNJ[:, None, :, :]).view(B, mn * kh)
+        top_BK, where_BK = products_BC.topk(k, dim=1, sorted=False)
+        # candidate c = (i·n + j)·kh + slot, read from small tables instead of integer division on [B, k]
+        c = torch.arange(mn * kh, device=x_BD.device)
+        i_BK, j_BK, slot_BK = (c // (n * kh))[where_BK], (c // kh % n)[where_BK], (c % kh)[where_BK]
         head_BK = heads_BJ.gather(1, slot_BK)
-        indices_BK = head_BK * (m * n) + pair_BK
-        cols_p_BK, cols_q_BK = p_column(indices_BK, cfg), q_column(indices_BK, cfg)
-        aux_cols_p = aux_cols_q = aux_indices_BA = indices_BK.new_zeros(B, 0)
+        indices_BK = head_BK * mn + i_BK * n + j_BK
+        cols_p_BS, cols_q_BS = i_BK * h + head_BK, h * m + j_BK * h + head_BK
+        p_BS = p_BMJ.reshape(B, m * kh).gather(1, i_BK * kh + slot_BK)
+        q_BS = q_BNJ.reshape(B, n * kh).gather(1, j_BK * kh + slot_BK)
+        z_BS = top_BK.sqrt()
+        aux_indices_BA = indices_BK.new_zeros(B, 0)
         if dead_F is not None and k_aux > 0:
             dead_ids = dead_F.nonzero().squeeze(1)
             if dead_ids.numel() > 0:
                 dead_p, dead_q = p_column(dead_ids, cfg), q_column(dead_ids, cfg)
-                dead_products = pre_BG.index_select(1, dead_p) * pre_BG.index_select(1, dead_q)
-                _, where = dead_products.topk(min(k_aux, dead_ids.numel()), dim=1, sorted=False)
-                aux_indices_BA, aux_cols_p, aux_cols_q = dead_ids[where], dead_p[where], dead_q[where]
-        cols_p_BS = torch.cat([cols_p_BK, aux_cols_p], dim=1)
-        cols_q_BS = torch.cat([cols_q_BK, aux_cols_q], dim=1)
-        p_BS, q_BS = pre_BG.gather(1, cols_p_BS), pre_BG.gather(1, cols_q_BS)
-        z_BS = (p_BS * q_BS).sqrt()
+                p_BN = pre_BG.index_select(1, dead_p).clamp_min_(0)
+                q_BN = pre_BG.index_select(1, dead_q).clamp_min_(0)
+                top_BA, where = (p_BN * q_BN).topk(min(k_aux, dead_ids.numel()), dim=1, sorted=False)
+                aux_indices_BA = dead_ids[where]
+                cols_p_BS = torch.cat([cols_p_BS, dead_p[where]], dim=1)
+                cols_q_BS = torch.cat([cols_q_BS, dead_q[where]], dim=1)
+                p_BS = torch.cat([p_BS, p_BN.gather(1, where)], dim=1)
+                q_BS = torch.cat([q_BS, q_BN.gather(1, where)], dim=1)
+                z_BS = torch.cat([z_BS, top_BA.sqrt()], dim=1)
         ctx.save_for_backward(x_BD, W_enc_GD, cols_p_BS, cols_q_BS, p_BS, q_BS, z_BS)
         ctx.k = k
         ctx.mark_non_differentiable(indices_BK, aux_indices_BA)
@@ -144,11 +156,12 @@ class KronTopK(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         grad_values_BK, _, grad_aux_BA, _ = grads
         x_BD, W_enc_GD, cols_p_BS, cols_q_BS, p_BS, q_BS, z_BS = ctx.saved_tensors
-        g_BS = torch.zeros_like(z_BS)
-        if grad_values_BK is not None:
-            g_BS[:, : ctx.k] = grad_values_BK
-        if grad_aux_BA is not None:
-            g_BS[:, ctx.k :] = grad_aux_BA
+        parts = [
+            torch.zeros_like(z_BS[:, a:b]) if g is None else g
+            for g, a, b in ((grad_values_BK, 0, ctx.k), (grad_aux_BA, ctx.k, z_BS.shape[1]))
+            if b > a
+        ]
+        g_BS = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         live_BS = z_BS > 0
         half_over_z = torch.where(live_BS, 0.5 / z_BS.clamp_min(torch.finfo(z_BS.dtype).tiny), 0.0)
         g_p_BS, g_q_BS = g_BS * q_BS * half_over_z, g_BS * p_BS * half_over_z
@@ -193,8 +206,8 @@ class KronSAE(SparseAutoencoder):
         cfg = self.cfg
         W_enc_GD = torch.randn(self.W_enc_GD.shape, generator=generator) / math.sqrt(2 * cfg.latents)
         split = cfg.heads * cfg.m
-        P_HMD = W_enc_GD[:split].view(cfg.heads, cfg.m, cfg.d_in)
-        Q_HND = W_enc_GD[split:].view(cfg.heads, cfg.n, cfg.d_in)
+        P_HMD = W_enc_GD[:split].view(cfg.m, cfg.heads, cfg.d_in).transpose(0, 1)
+        Q_HND = W_enc_GD[split:].view(cfg.n, cfg.heads, cfg.d_in).transpose(0, 1)
         self._initialise_decoder_(
             (P_HMD[:, :, None] + Q_HND[:, None, :]).reshape(cfg.latents, cfg.d_in), b_dec_D
         )

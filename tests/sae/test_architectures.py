@@ -204,7 +204,7 @@ def test_factorised_post_latents_equal_every_explicit_pair() -> None:
         for h in range(3):
             for i in range(2):
                 for j in range(5):
-                    p, q = float(pre[b, h * 2 + i]), float(pre[b, 3 * 2 + h * 5 + j])
+                    p, q = float(pre[b, i * 3 + h]), float(pre[b, 3 * 2 + j * 3 + h])  # factor-major rows
                     assert float(z[b, h * 10 + i * 5 + j]) == pytest.approx(math.sqrt(p * q), abs=1e-15)
 
 
@@ -241,8 +241,8 @@ def test_kron_topk_equals_topk_of_the_dense_post_latents(m: int, n: int, heads: 
 
     def selected(idx: torch.Tensor) -> torch.Tensor:
         head, pair = idx // (m * n), idx % (m * n)
-        p = pre.gather(1, head * m + pair // n)
-        q = pre.gather(1, heads * m + head * n + pair % n)
+        p = pre.gather(1, (pair // n) * heads + head)  # factor-major rows: p_{h,i} at i·heads + h
+        q = pre.gather(1, heads * m + (pair % n) * heads + head)
         pq = p * q
         return torch.where(pq > 0, pq.clamp_min(1e-300).sqrt(), 0.0)  # the rule: no gradient at z = 0
 
@@ -295,8 +295,8 @@ def test_kron_sae_init_and_shape_validation() -> None:
     sae.initialise_(torch.Generator().manual_seed(0))
     rows = sae.W_enc_GD.detach()
     want = (
-        rows[2 * 2 + 1] + rows[6 * 2 + 2 * 4 + 3]
-    )  # latent (head 2, i 1, j 3) = P_{2,1} + Q_{2,3}, normalised
+        rows[1 * 6 + 2] + rows[6 * 2 + 3 * 6 + 2]
+    )  # latent (head 2, i 1, j 3) = P_{2,1} + Q_{2,3} (factor-major rows), normalised
     torch.testing.assert_close(sae.W_dec_FD[2 * 8 + 1 * 4 + 3].detach(), want / want.norm())
     with pytest.raises(UserError, match="heads·m·n = latents"):
         make_config("kron", d_in=D, latents=48, k=4, heads=5, m=2, n=4)
