@@ -94,3 +94,42 @@ def test_k_eval_above_K_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
     params = inspect.signature(sae_eval).parameters
     assert "k_eval" in params and json.dumps(params["k_eval"].default) == "null"
+
+
+def test_eval_reads_the_runs_own_data_by_default(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i}.txt").write_text(f"Document {i} explains how the cache evicts entry {i}. " * 40)
+    run = tmp_path / "run"
+    args = [
+        "sae",
+        "train",
+        "--model",
+        str(tiny_models["llama"]),
+        "--sites",
+        "layers.1",
+        "--data",
+        str(corpus),
+    ]
+    args += ["--latents", "64", "--k", "4", "--tokens", "512", "--batch-size", "256", "--context-len", "32"]
+    code, _, err = run_cli([*args, "--out", str(run)], capsys)
+    assert code == 0, err
+    for target in (run, run / "layers.1"):  # a run folder, or one SAE folder inside it
+        code, out, err = run_cli(["sae", "eval", "--sae", str(target), "--tokens", "200", "--json"], capsys)
+        assert code == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["data"] == str(corpus)
+    code, out, _ = run_cli(
+        ["sae", "eval", "--sae", str(run), "--tokens", "200", "--data", "stdlib:code", "--json"], capsys
+    )
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["data"] == "stdlib:code"
+    # --k-eval reports every metric per budget
+    code, out, _ = run_cli(
+        ["sae", "eval", "--sae", str(run), "--tokens", "200", "--k-eval", "2,4", "--json"], capsys
+    )
+    by_k = json.loads(out.strip().splitlines()[-1])["by_k"]
+    assert code == 0 and sorted(by_k) == ["2", "4"]
+    assert by_k["2"]["layers.1"]["l0"] <= 2 < by_k["4"]["layers.1"]["l0"] <= 4
+    assert by_k["2"]["layers.1"]["explained_variance"] < by_k["4"]["layers.1"]["explained_variance"]
