@@ -10,15 +10,20 @@ term is the mean over budgets
 (normalised by Σ‖x − x̄‖² in the trainer, like TopK's). AuxK is TopK's. At inference any k ≤ K keeps the k
 largest (``sae.encode(x, k=8)``, ``interlayer sae eval --k-eval 8,16``), which is exactly the prefix x̂_k.
 
-:class:`PrefixLoss` computes S without a B×K×d tensor: with r_j = x − x̂_j,
-    forward   r ← x − b_dec, then for j = 1..K: r ← r − v_(j) W_dec[f_(j)], S += ‖r‖²
-    backward  R_j = Σ_{j' ≥ j} r_j' (a running suffix sum, from j = K down; r_{j−1} = r_j + v_(j) W_dec[f_(j)]
-              recovers each earlier residual from the final one) and
-              ∂S/∂v_(j) = −(2/K) ⟨R_j, W_dec[f_(j)]⟩,  ∂S/∂W_dec[f_(j)] += −(2/K) v_(j) R_j,
-              ∂S/∂(x − b_dec) = (2/K) R_1.
-The loops go over blocks of ``BLOCK`` budgets at a time (cumulative sums inside a block), so memory is
-O(BLOCK·B·d) whatever K is. The same two loops as the official Triton kernel (github.com/corl-team/flexsae),
-written here in PyTorch ops so that it runs on the CPU and on any GPU.
+:class:`PrefixLoss` computes S and its gradients without a B×K×d tensor. Per token, with r0 = x − b_dec,
+w_i = W_dec[f_(i)], positions i = 0..K−1, a_i = (K − i)/K (the share of the K budgets that include
+position i) and A_ii' = (K − max(i, i'))/K (the share that include both),
+
+    S_b = ‖r0‖² − 2 Σ_i a_i v_i ⟨w_i, r0⟩ + Σ_{i,i'} A_ii' v_i v_i' ⟨w_i, w_i'⟩,
+
+and, with M_i = Σ_i' A_ii' v_i' w_i',
+    ∂S/∂v_i = 2 ⟨w_i, M_i − a_i r0⟩,   ∂S/∂w_i = 2 v_i (M_i − a_i r0),   ∂S/∂r0 = 2 (r0 − Σ_i a_i v_i w_i).
+Tokens go in chunks of C = CHUNK_ELEMENTS / (K·d): each chunk gathers its C×K decoder rows once and forms
+2v_i(M_i − a_i r0) with one batched K×K product; S, ∂S/∂v, ∂S/∂r0 and the scatter into ∂S/∂W_dec follow
+from it, in the forward pass (the backward only scales them). Memory is O(C·K·d) = 16 MB per buffer, never
+B×K×d. The official Triton kernel (github.com/corl-team/flexsae) loops over budgets instead (a running
+suffix sum of residuals); the algebra above turns that loop into BLAS products, which is what plain
+PyTorch does fast on a CPU and on any GPU.
 """
 
 from __future__ import annotations
@@ -77,17 +82,22 @@ class PrefixLoss(torch.autograd.Function):
         for s in range(0, B, rows):
             r0_CD, v_CK, idx_CK = target_BD[s : s + rows], values_BK[s : s + rows], indices_BK[s : s + rows]
             rows_CKD = F.embedding(idx_CK, W_dec_FD)
-            c_CK = torch.bmm(rows_CKD, r0_CD[:, :, None])[..., 0]  # ⟨w_i, r0⟩
-            mix_CKD = torch.bmm(A_KK * v_CK[:, None, :], rows_CKD)  # M_i = Σ_i' A_ii' v_i' w_i'
-            AvG_CK = torch.linalg.vecdot(rows_CKD, mix_CKD)  # Σ_i' A_ii' v_i' ⟨w_i, w_i'⟩ = ⟨w_i, M_i⟩
-            total += (r0_CD.pow(2).sum() - 2 * (a_K * v_CK * c_CK).sum() + (v_CK * AvG_CK).sum()).double()
-            grad_values_BK[s : s + rows] = 2 * (AvG_CK - a_K * c_CK)
+            two_v_CK1 = 2 * v_CK[:, :, None]
+            # T_i = 2 v_i (M_i − a_i r0) with M_i = Σ_i' A_ii' v_i' w_i': the rows of ∂S/∂W_dec
+            T_CKD = torch.bmm(two_v_CK1 * A_KK * v_CK[:, None, :], rows_CKD)
+            T_CKD.addcmul_(two_v_CK1 * a_K[:, None], r0_CD[:, None, :], value=-1)
+            # u_i = ⟨w_i, M_i − a_i r0⟩ = ⟨w_i, T_i⟩ / 2v_i (unused where v_i = 0: the encoder's gradient
+            # is masked there)
+            u_CK = torch.linalg.vecdot(rows_CKD, T_CKD) / two_v_CK1[..., 0].clamp_min(
+                torch.finfo(v_CK.dtype).tiny
+            )
+            grad_values_BK[s : s + rows] = 2 * u_CK
             sums_C2D = torch.bmm(torch.stack([v_CK, a_K * v_CK], dim=1), rows_CKD)  # Σ v w, Σ a v w
+            # S_b = ‖r0‖² − 2 Σ a_i v_i c_i + Σ v_i ⟨w_i, M_i⟩ = ‖r0‖² + Σ v_i u_i − ⟨Σ a_i v_i w_i, r0⟩
+            total += (r0_CD.pow(2).sum() + (v_CK * u_CK).sum() - (sums_C2D[:, 1] * r0_CD).sum()).double()
             residual_BD[s : s + rows] = r0_CD - sums_C2D[:, 0]
             grad_target_BD[s : s + rows] = 2 * (r0_CD - sums_C2D[:, 1])
-            # ∂S/∂w_i = 2 v_i (M_i − a_i r0)
-            mix_CKD.addcmul_(a_K[None, :, None], r0_CD[:, None, :], value=-1).mul_(2 * v_CK[:, :, None])
-            grad_W_FD.index_add_(0, idx_CK.reshape(-1), mix_CKD.reshape(-1, d))
+            grad_W_FD.index_add_(0, idx_CK.reshape(-1), T_CKD.reshape(-1, d))
         ctx.save_for_backward(grad_target_BD, grad_values_BK, grad_W_FD)
         ctx.mark_non_differentiable(residual_BD)
         return total.to(target_BD.dtype), residual_BD
@@ -104,7 +114,9 @@ class PrefixLoss(torch.autograd.Function):
 def prefix_loss(
     target_BD: torch.Tensor, values_BK: torch.Tensor, indices_BK: torch.Tensor, W_dec_FD: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1/K) Σ_j Σ_b ‖target_b − Σ_{i ≤ j} v_bi W_dec[i_bi]‖² (values sorted descending) and the final residual."""
+    """(1/K) Σ_j Σ_b ‖target_b − Σ_{i ≤ j} v_bi W_dec[i_bi]‖² (values sorted descending, ≥ 0) and the final
+    residual. The gradient with respect to a value that is exactly 0 is returned as 0: the values are ReLU
+    outputs, whose gradient is 0 there anyway."""
     out = PrefixLoss.apply(target_BD, values_BK, indices_BK, W_dec_FD)
     return out[0], out[1]
 

@@ -16,13 +16,14 @@ dictionary: on MiniLM layer-3 activations, F = 16,384, 40 steps of 4,096 tokens,
 FVU 0.224 but left 6,147 latents dead, lr 5e-3 0.258 with 282 dead; F = 4,096, 160 steps of 1,024: 2e-4 →
 0.43, 3e-3 → 0.190 (93 dead), 5e-3 → 0.177 (792 dead), 1.1e-2 → 0.189 (2,807 dead). See BENCHMARKS.md.
 The decoder gradient is projected orthogonal to each unit row before the step, and rows are renormalised
-after it. b_dec starts at the mean of the first chunk.
+after it. b_dec starts at the mean of the first chunk (a random sample of the first mixing window of
+model chunks, see :mod:`interlayer.activations`); the architecture may initialise other parameters its own way.
 
 Checkpoints are taken at chunk boundaries into ``checkpoint/``: one safetensors file per site (parameters,
 Adam moments, dead-latent counters), each written atomically under a name carrying the chunk index, then
 ``state.json`` (run state, and per site its file, input scale and running statistics) is written atomically:
-that write is the commit, so a crash at any moment leaves the previous checkpoint whole. Because chunk i and
-its shuffle depend only on (data, seed, i), a resumed run takes exactly the steps the uninterrupted one
+that write is the commit, so a crash at any moment leaves the previous checkpoint whole. Because chunk i (mixed across
+its window) and its shuffle depend only on (data, plan, seed, i), a resumed run takes exactly the steps the uninterrupted one
 would have. Under ``torchrun`` (:mod:`interlayer.distributed`) each rank writes the files of the sites it
 owns and reads back only those, and a checkpoint resumes under any number of processes.
 """

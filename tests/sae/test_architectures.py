@@ -143,13 +143,20 @@ def test_prefix_loss_and_every_gradient_match_the_naive_reference(
     indices = torch.stack([torch.randperm(latents, generator=g)[:K] for _ in range(B)])
     W = torch.randn(latents, d, generator=g, dtype=torch.float64, requires_grad=True)
     indices[0, -1] = indices[0, 0] if K > 1 else indices[0, 0]  # a repeated row must accumulate gradients
+    if K > 1:  # a token with fewer than K positive values: the tail is 0 (ReLU outputs)
+        with torch.no_grad():
+            values[1, K // 2 :] = 0
     upstream = 0.37
     fast, residual = prefix_loss(target, values, indices, W)
     grads_fast = torch.autograd.grad(fast * upstream, (target, values, W))
     slow = naive_prefix_loss(target, values, indices, W)
     grads_slow = torch.autograd.grad(slow * upstream, (target, values, W))
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
-    for got, want in zip(grads_fast, grads_slow, strict=True):
+    positive = values.detach() > 0  # the documented rule: ∂S/∂v is 0 where v = 0 (a ReLU's gradient there)
+    torch.testing.assert_close(
+        grads_fast[1], torch.where(positive, grads_slow[1], 0.0), rtol=1e-10, atol=1e-10
+    )
+    for got, want in zip(grads_fast[::2], grads_slow[::2], strict=True):  # target and W_dec
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     full = (values[..., None] * W[indices]).sum(1)
     torch.testing.assert_close(residual, (target - full).detach(), rtol=1e-12, atol=1e-12)
