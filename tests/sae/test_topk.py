@@ -16,7 +16,7 @@ from interlayer.activations import Chunk
 from interlayer.sae.architectures import build_sae, make_config
 from interlayer.sae.batchtopk import BatchTopKSAE
 from interlayer.sae.io import load_sae
-from interlayer.sae.topk import TopKConfig, TopKSAE
+from interlayer.sae.topk import TopKSAE
 from interlayer.sae.trainer import CHECKPOINT, CHECKPOINT_STATE, METRICS_FILE, TrainConfig, train_saes
 
 D, F, K = 12, 48, 4
@@ -228,11 +228,23 @@ def planted_chunks(
     return chunks
 
 
-def test_planted_dictionary_is_recovered(tmp_path: Path) -> None:
+PLANTED_OPTIONS = {
+    "topk": {"k": 4},
+    "batchtopk": {"k": 4},
+    "hierarchical": {"k": 4},
+    "matryoshka": {"k": 4},
+    "kron": {"k": 4, "m": 2, "n": 4},
+    "jumprelu": {"l0_coefficient": 1e-2},  # one latent must buy 1% of FVU: about the 4 planted ones
+}
+
+
+@pytest.mark.parametrize("architecture", list(PLANTED_OPTIONS))
+def test_planted_dictionary_is_recovered(tmp_path: Path, architecture: str) -> None:
     d, n_atoms, active, latents = 64, 128, 4, 256
     chunk_tokens, n_chunks = 65_536, 6
     atoms = planted_atoms(n_atoms, d, seed=0)
-    sae_cfg = TopKConfig(d_in=d, latents=latents, k=active, site="site", model="planted")
+    options = PLANTED_OPTIONS[architecture]
+    sae_cfg = make_config(architecture, d_in=d, latents=latents, site="site", model="planted", **options)
     train_cfg = TrainConfig(tokens=chunk_tokens * n_chunks, batch_size=1024, seed=0, dead_tokens=100_000)
     metrics = train_saes(
         tmp_path / "run",
@@ -247,11 +259,13 @@ def test_planted_dictionary_is_recovered(tmp_path: Path) -> None:
     W_dec = sae.W_dec_FD / sae.W_dec_FD.norm(dim=1, keepdim=True)
     best_cos = (atoms @ W_dec.T).max(dim=1).values
     recovered = float((best_cos >= 0.9).float().mean())
-    assert recovered >= 0.9, f"only {recovered:.1%} of the planted atoms recovered"
+    assert recovered >= 0.9, f"{architecture}: only {recovered:.1%} of the planted atoms recovered"
     # the saved (folded) SAE reads raw activations: it reconstructs fresh planted data well
     x = next(planted_chunks(atoms, active, 4096, 1, seed=99)(0)).acts["site"]
     fvu = float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     assert fvu < 0.1
+    l0 = float((sae.encode(x) != 0).sum(1).float().mean())
+    assert 3 <= l0 <= 4  # the planted sparsity (BatchTopK, Matryoshka and JumpReLU: on average)
 
 
 def small_run(
