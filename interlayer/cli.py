@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from transformers.utils import logging as transformers_logging
 
+from interlayer.activations import ChunkPlan
 from interlayer.cli_common import (
     ChunkOpt,
     ContextOpt,
@@ -66,9 +67,9 @@ def activations_cache(
     out: Annotated[Path, typer.Option("--out", help="Cache folder (rerun to resume).")],
     data: DataOpt = "stdlib:docs",
     tokens: Annotated[int, typer.Option("--tokens", help="Kept tokens to cache.")] = 1_000_000,
-    context_len: ContextOpt = 128,
-    model_batch_size: ModelBatchOpt = 32,
-    chunk_batches: ChunkOpt = 8,
+    context_len: ContextOpt = ChunkPlan.context_len,
+    model_batch_size: ModelBatchOpt = ChunkPlan.batch_size,
+    chunk_batches: ChunkOpt = ChunkPlan.batches_per_chunk,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,

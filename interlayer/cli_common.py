@@ -22,7 +22,15 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model dtype: float32, bf
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary as the last line.")]
 ContextOpt = Annotated[int, typer.Option("--context-len", help="Tokens per packed context.")]
 ModelBatchOpt = Annotated[int, typer.Option("--model-batch-size", help="Contexts per model forward pass.")]
-ChunkOpt = Annotated[int, typer.Option("--chunk-batches", help="Model batches per shuffle chunk.")]
+ChunkOpt = Annotated[
+    int, typer.Option("--chunk-batches", help="Model batches per chunk (the checkpoint unit).")
+]
+MixOpt = Annotated[
+    int,
+    typer.Option(
+        "--mix-chunks", help="Consecutive chunks whose tokens are mixed together (memory: this many)."
+    ),
+]
 OutlierOpt = Annotated[
     float,
     typer.Option(

@@ -46,7 +46,7 @@ def make_config(architecture: str, **values: Any) -> SAEConfig:
     unknown = set(values) - config_fields(architecture)
     if unknown:
         names = ", ".join("--" + name.replace("_", "-") for name in sorted(unknown))
-        raise UserError(f"{names} does not apply to a {architecture} SAE")
+        raise UserError(f"{names} {'does' if len(unknown) == 1 else 'do'} not apply to a {architecture} SAE")
     return cls(architecture=architecture, **values)
 
 
@@ -70,9 +70,12 @@ def config_from_json(data: dict[str, Any], source: str = "cfg.json") -> SAEConfi
     if missing:
         raise UserError(f"{source} lacks the field(s) {', '.join(sorted(missing))}")
     values = {key: value for key, value in data.items() if key in known}
-    if "prefixes" in values:
-        values["prefixes"] = tuple(values["prefixes"])
-    return cls(**values)
+    try:
+        if "prefixes" in values:
+            values["prefixes"] = tuple(values["prefixes"])
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{source}: a field has the wrong type ({exc})") from None
 
 
 def build_sae(cfg: SAEConfig) -> SparseAutoencoder:

@@ -121,8 +121,13 @@ class SparseAutoencoder(nn.Module):
         k_max = self.cfg.k_max
         if k_max is None:
             raise UserError(f"a {self.cfg.architecture} SAE has no k; evaluate it without --k-eval")
-        if not 1 <= k <= k_max:
-            raise UserError(f"k = {k} is outside 1..{k_max} for this {self.cfg.architecture} SAE")
+        if k < 1:
+            raise UserError(f"k must be at least 1, got {k}")
+        if k > k_max:
+            raise UserError(
+                f"k = {k} exceeds {k_max}, the largest budget of this {self.cfg.architecture} SAE"
+                + (" (its trained K)" if k_max < self.cfg.latents else " (its latents)")
+            )
 
     def _flatten(self, x: torch.Tensor, width: int, what: str) -> torch.Tensor:
         if x.shape[-1] != width:

@@ -7,11 +7,13 @@ config's own default" (tests/sae/test_cli_options.py checks that every config fi
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from interlayer.activations import ChunkPlan
 from interlayer.cli_common import (
     ChunkOpt,
     ContextOpt,
@@ -19,6 +21,7 @@ from interlayer.cli_common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    MixOpt,
     ModelBatchOpt,
     OutlierOpt,
     emit,
@@ -33,6 +36,10 @@ from interlayer.sae.trainer import TrainConfig
 sae_app = typer.Typer(help="Sparse autoencoders: train and evaluate.", no_args_is_help=True)
 
 T = TrainConfig  # defaults below are read from the dataclass, never restated
+ARCHITECTURE_OPTIONS = sorted(
+    {name for arch in ARCHITECTURES for name in config_fields(arch)} - {f.name for f in fields(SAEConfig)}
+)
+"""Config fields of some architecture that the user sets (each has a flag of the same name)."""
 
 
 def architecture_config(architecture: str, latents: int, options: dict[str, Any]) -> SAEConfig:
@@ -50,9 +57,12 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise UserError(f"{option} takes comma-separated whole numbers, got {text!r}") from None
+        values = ()
+    if not values:
+        raise UserError(f"{option} takes comma-separated whole numbers, got {text!r}")
+    return values
 
 
 @sae_app.command("train")
@@ -120,9 +130,10 @@ def sae_train(
         float, typer.Option("--checkpoint-seconds", help="Min seconds between checkpoints.")
     ] = T.checkpoint_seconds,
     outlier_norm: OutlierOpt = T.outlier_norm,
-    context_len: ContextOpt = 128,
-    model_batch_size: ModelBatchOpt = 32,
-    chunk_batches: ChunkOpt = 8,
+    context_len: ContextOpt = ChunkPlan.context_len,
+    model_batch_size: ModelBatchOpt = ChunkPlan.batch_size,
+    chunk_batches: ChunkOpt = ChunkPlan.batches_per_chunk,
+    mix_chunks: MixOpt = ChunkPlan.mix_chunks,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     distribute: Annotated[
@@ -136,7 +147,7 @@ def sae_train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train one SAE per site from one model forward (or from an activation cache)."""
-    from interlayer.activations import ChunkPlan
+    given = dict(locals())  # the options, read by config field name below (so no option is dropped)
     from interlayer.distributed import process_group, rank_device
     from interlayer.sae.training_run import train_from_source
     from interlayer.sources import activation_source
@@ -144,25 +155,13 @@ def sae_train(
     template = architecture_config(
         architecture,
         latents,
-        {
-            "k": k,
-            "prefixes": _int_list(prefixes, "--prefixes"),
-            "heads": heads,
-            "m": m,
-            "n": n,
-            "l0_coefficient": l0_coefficient,
-            "bandwidth": bandwidth,
-            "initial_threshold": initial_threshold,
-        },
+        {name: given[name] for name in ARCHITECTURE_OPTIONS}
+        | {"prefixes": _int_list(prefixes, "--prefixes")},
     )
-    train_cfg = TrainConfig(
-        tokens=tokens, batch_size=batch_size, lr=lr, lr_decay_fraction=lr_decay_fraction, seed=seed,
-        aux_alpha=aux_alpha, k_aux=k_aux, dead_tokens=dead_tokens, normalise=normalise,
-        checkpoint_seconds=checkpoint_seconds, outlier_norm=outlier_norm,
-    )  # fmt: skip
+    train_cfg = TrainConfig(**{f.name: given[f.name] for f in fields(TrainConfig)})
     group = process_group(device)  # several processes under torchrun: each trains a block of sites
     device = rank_device(device)
-    plan = ChunkPlan(context_len, model_batch_size, chunk_batches)
+    plan = ChunkPlan(context_len, model_batch_size, chunk_batches, mix_chunks)
     source = activation_source(
         model=model,
         sites=sites,
@@ -224,7 +223,7 @@ def sae_eval(
             "--k-eval", help="Comma-separated budgets k: every metric at each (architectures with a k)."
         ),
     ] = None,
-    context_len: ContextOpt = 128,
+    context_len: ContextOpt = ChunkPlan.context_len,
     model_batch_size: ModelBatchOpt = 16,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",

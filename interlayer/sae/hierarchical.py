@@ -18,10 +18,10 @@ position i) and A_ii' = (K − max(i, i'))/K (the share that include both),
 
 and, with M_i = Σ_i' A_ii' v_i' w_i',
     ∂S/∂v_i = 2 ⟨w_i, M_i − a_i r0⟩,   ∂S/∂w_i = 2 v_i (M_i − a_i r0),   ∂S/∂r0 = 2 (r0 − Σ_i a_i v_i w_i).
-Tokens go in chunks of C = CHUNK_ELEMENTS / (K·d): each chunk gathers its C×K decoder rows once and forms
+Tokens go in chunks of C = CHUNK_ELEMENTS / (K·max(d, K)): each chunk gathers its C×K decoder rows once and forms
 2v_i(M_i − a_i r0) with one batched K×K product; S, ∂S/∂v, ∂S/∂r0 and the scatter into ∂S/∂W_dec follow
-from it, in the forward pass (the backward only scales them). Memory is O(C·K·d) = 16 MB per buffer, never
-B×K×d. The official Triton kernel (github.com/corl-team/flexsae) loops over budgets instead (a running
+from it, in the forward pass (the backward only scales them). Memory is O(C·K·max(d, K)): 16 MB per
+buffer on the CPU, 64 MB on a GPU (fewer, larger launches), never B×K×d. The official Triton kernel (github.com/corl-team/flexsae) loops over budgets instead (a running
 suffix sum of residuals); the algebra above turns that loop into BLAS products, which is what plain
 PyTorch does fast on a CPU and on any GPU.
 """
@@ -34,12 +34,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from interlayer.errors import UserError
 from interlayer.sae.base import TrainingOutput
 from interlayer.sae.topk import TopKConfig, TopKSAE
 
-CHUNK_ELEMENTS = 1 << 22
-"""Tokens are handled in chunks of C = CHUNK_ELEMENTS // (K·d), so the gathered rows take 16 MB (fp32)."""
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
+"""Per device type: tokens go in chunks of C = CHUNK_ELEMENTS // (K·max(d, K)), so each C×K×d (or C×K×K)
+buffer holds at most this many floats (16 MB on the CPU, 64 MB on a GPU)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +78,8 @@ class PrefixLoss(torch.autograd.Function):
         grad_target_BD = torch.empty_like(target_BD)
         residual_BD = torch.empty_like(target_BD)
         grad_W_FD = torch.zeros_like(W_dec_FD)
-        rows = max(1, CHUNK_ELEMENTS // (K * d))
+        budget = CHUNK_ELEMENTS.get(target_BD.device.type, CHUNK_ELEMENTS["cpu"])
+        rows = max(1, budget // (K * max(d, K)))
         for s in range(0, B, rows):
             r0_CD, v_CK, idx_CK = target_BD[s : s + rows], values_BK[s : s + rows], indices_BK[s : s + rows]
             rows_CKD = F.embedding(idx_CK, W_dec_FD)
@@ -108,7 +109,7 @@ class PrefixLoss(torch.autograd.Function):
         if grad_S is None:
             return None, None, None, None
         grad_target_BD, grad_values_BK, grad_W_FD = ctx.saved_tensors
-        return grad_target_BD * grad_S, grad_values_BK * grad_S, None, grad_W_FD.mul_(grad_S)
+        return grad_target_BD * grad_S, grad_values_BK * grad_S, None, grad_W_FD * grad_S
 
 
 def prefix_loss(
@@ -126,13 +127,6 @@ class HierarchicalTopKSAE(TopKSAE):
 
     config_class = HierarchicalConfig
     cfg: HierarchicalConfig
-
-    def check_k(self, k: int | None) -> None:
-        if k is not None and k > self.cfg.k:
-            raise UserError(
-                f"k = {k} exceeds K = {self.cfg.k}, the largest budget this HierarchicalTopK SAE was trained for"
-            )
-        super().check_k(k)
 
     def training_forward(self, x_BD: torch.Tensor, dead_F: torch.Tensor | None, k_aux: int) -> TrainingOutput:
         values_BK, indices_BK, aux_hat, fired_F = self.select(x_BD, dead_F, k_aux)

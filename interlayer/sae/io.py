@@ -56,5 +56,8 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
                 f"{folder / WEIGHTS_FILE}: tensor {name!r} has shape {tuple(got.shape)} but cfg.json implies "
                 f"{tuple(want.shape)} (dimension {dims[0]} differs)"
             )
-    sae.load_file_tensors_(tensors)
+    try:
+        sae.load_file_tensors_(tensors)
+    except UserError as exc:
+        raise UserError(f"{folder / WEIGHTS_FILE}: {exc}") from None
     return sae.to(device).eval().requires_grad_(False)

@@ -120,7 +120,11 @@ class JumpReLUSAE(DenseEncoderSAE):
     def load_file_tensors_(self, tensors: dict[str, torch.Tensor]) -> None:
         super().load_file_tensors_(tensors)
         if bool((tensors["threshold"] <= 0).any()):
-            raise UserError("a JumpReLU SAE's thresholds must be positive; the file holds a value ≤ 0")
+            bad = int((tensors["threshold"] <= 0).sum())
+            raise UserError(
+                f"{bad} JumpReLU threshold(s) are ≤ 0, but θ must be positive (z = pre·1[pre > θ] with θ > 0); "
+                "the file is damaged or not a JumpReLU SAE"
+            )
         self.log_threshold_F.copy_(tensors["threshold"].log())
 
     def _codes(self, x_BD: torch.Tensor, k: int | None) -> torch.Tensor:

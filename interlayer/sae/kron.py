@@ -63,11 +63,17 @@ class KronConfig(KConfig):
             raise UserError(f"kron needs m ≥ 1 and n ≥ 1, got m = {self.m}, n = {self.n}")
         if self.m > self.n:
             raise UserError(f"kron needs m ≤ n, got m = {self.m} > n = {self.n}")
-        heads = self.heads or self.latents // (self.m * self.n)
-        if heads < 1 or heads * self.m * self.n != self.latents:
+        mn = self.m * self.n
+        if not self.heads and self.latents % mn:
             raise UserError(
-                f"kron needs heads·m·n = latents: {heads}·{self.m}·{self.n} = {heads * self.m * self.n} "
-                f"≠ {self.latents}"
+                f"kron needs heads·m·n = latents, but latents {self.latents} is not a multiple of m·n = {mn}; "
+                "choose --latents, --m and --n to fit"
+            )
+        heads = self.heads or self.latents // mn
+        if heads * mn != self.latents:
+            raise UserError(
+                f"kron needs heads·m·n = latents: {heads}·{self.m}·{self.n} = {heads * mn} ≠ {self.latents}; "
+                f"leave out --heads (it is then latents / (m·n)) or pass --heads {self.latents / mn:g}"
             )
         object.__setattr__(self, "heads", heads)
 

@@ -54,8 +54,6 @@ from interlayer.sae.kernels import release_workspace
 CHECKPOINT = "checkpoint"
 """The checkpoint folder of a run: ``state.json`` (the commit) and one safetensors file per site."""
 CHECKPOINT_STATE = "state.json"
-LEGACY_CHECKPOINT = "checkpoint.safetensors"
-"""The single-file checkpoint of interlayer 0.1 before per-site files; refused rather than ignored."""
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 
@@ -198,9 +196,9 @@ class SiteTrainer:
     def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         tensors = {f"{prefix}sae.{name}": t for name, t in self.sae.state_dict().items()}
         tensors[f"{prefix}since_fired"] = self.since_fired_F
-        for index, param in enumerate(self.sae.parameters()):
+        for name, param in self.sae.named_parameters():
             for key, value in self.optimizer.state.get(param, {}).items():
-                tensors[f"{prefix}adam.{index}.{key}"] = torch.as_tensor(value)
+                tensors[f"{prefix}adam.{name}.{key}"] = torch.as_tensor(value)
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
@@ -208,11 +206,11 @@ class SiteTrainer:
             {n[len(prefix) + 4 :]: t for n, t in tensors.items() if n.startswith(prefix + "sae.")}
         )
         self.since_fired_F.copy_(tensors[f"{prefix}since_fired"])
-        params = list(self.sae.parameters())
+        params = dict(self.sae.named_parameters())
         for name, value in tensors.items():
-            if name.startswith(prefix + "adam."):
-                index, key = name[len(prefix) + 5 :].split(".", 1)
-                param = params[int(index)]
+            if name.startswith(prefix + "adam."):  # adam.<parameter name>.<state key>
+                param_name, key = name[len(prefix) + 5 :].rsplit(".", 1)
+                param = params[param_name]
                 self.optimizer.state[param][key] = value.to(param.device, copy=True)
 
 
@@ -280,7 +278,8 @@ def train_saes(
     if group.is_main and not (out / RUN_FILE).exists():
         write_json(out / RUN_FILE, settings)
     group.barrier()
-    if read_json(out / RUN_FILE, "run settings") != settings:
+    stored = read_json(out / RUN_FILE, "run settings")
+    if stored != settings and not _same_command_before_mixing(stored, settings):
         raise UserError(
             f"{out} holds a run with other settings; rerun the same command or choose a new --out"
         )
@@ -288,15 +287,15 @@ def train_saes(
         if group.is_main:
             shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
         return read_json(out / METRICS_FILE, "run metrics")
+    if stored != settings:
+        raise UserError(
+            f"{out} holds an unfinished run started by interlayer 0.1, which read the data in another order; "
+            "it cannot resume to the same result: finish it with interlayer 0.1, or choose a new --out"
+        )
 
     state = {"chunk": 0, "step": 0}
     trainers: dict[str, SiteTrainer] = {}
     summaries = {site: SiteSummary() for site in local_cfgs}
-    if (out / LEGACY_CHECKPOINT).exists():
-        raise UserError(
-            f"{out / LEGACY_CHECKPOINT} is a checkpoint of an older interlayer (one file for all sites); "
-            "finish the run with that version, or delete the file to restart it"
-        )
     if checkpoint_exists(out):
         state, trainers, summaries = _resume(out, local_cfgs, train_cfg, dev)
     group.barrier()  # every rank has read the checkpoint before rank 0 may replace it
@@ -377,6 +376,23 @@ def train_saes(
         release_workspace()  # up to batch × latents floats, not needed once training stops
 
 
+def _same_command_before_mixing(stored: dict[str, object], settings: dict[str, object]) -> bool:
+    """Whether ``stored`` run settings are ``settings`` as interlayer 0.1 recorded them: without the data seed
+    and mixing window (0.1 read documents in path order) and with format-1 SAE configs."""
+
+    def older(recorded: dict[str, object]) -> dict[str, object]:
+        copy = json.loads(json.dumps(recorded))
+        copy.pop("data_seed", None)
+        copy.pop("mix_chunks", None)
+        if isinstance(copy.get("plan"), dict):
+            copy["plan"].pop("mix_chunks", None)
+        for cfg in copy.get("saes", {}).values():
+            cfg.pop("version", None)
+        return copy
+
+    return older(stored) == older(settings) and "data_seed" not in stored
+
+
 def checkpoint_exists(out: Path) -> bool:
     """Whether ``out`` holds a committed checkpoint."""
     return (out / CHECKPOINT / CHECKPOINT_STATE).is_file()
@@ -396,10 +412,7 @@ def _resume(
             entry = committed["sites"][site]
             trainers[site] = SiteTrainer(cfg, train_cfg, float(entry["input_scale"]), dev)
             trainers[site].load_state_tensors(read_tensors(folder / entry["file"], "checkpoint"), "")
-            summary = dict(entry["summary"])
-            if "dead_fraction" in summary:  # checkpoints of interlayer 0.1
-                summary["inactive_fraction"] = summary.pop("dead_fraction")
-            summaries[site] = SiteSummary(**summary)
+            summaries[site] = SiteSummary(**entry["summary"])
         return state, trainers, summaries
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise UserError(

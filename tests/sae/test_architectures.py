@@ -108,7 +108,7 @@ def test_format_1_folder_still_loads(tmp_path: Path) -> None:
 def test_k_at_inference_only_where_there_is_a_k() -> None:
     with pytest.raises(UserError, match="jumprelu SAE has no k"):
         random_sae("jumprelu").encode(torch.zeros(1, D, dtype=torch.float64, device=TEST_DEVICE), k=2)
-    with pytest.raises(UserError, match="exceeds K = 6"):
+    with pytest.raises(UserError, match="k = 7 exceeds 6, the largest budget of this hierarchical SAE"):
         random_sae("hierarchical").encode(torch.zeros(1, D, dtype=torch.float64, device=TEST_DEVICE), k=7)
     topk = random_sae("topk")
     x = rand(20, D, seed=5)
@@ -133,7 +133,8 @@ def naive_prefix_loss(target_BD, values_BK, indices_BK, W_dec_FD) -> torch.Tenso
 def test_prefix_loss_and_every_gradient_match_the_naive_reference(
     K: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hierarchical, "CHUNK_ELEMENTS", 2 * K * 6)  # tokens in chunks of 2 (the last of 1)
+    budget = 2 * K * max(6, K)  # tokens in chunks of 2 (the last of 1)
+    monkeypatch.setitem(hierarchical.CHUNK_ELEMENTS, TEST_DEVICE.type, budget)
     g = torch.Generator().manual_seed(K)
     B, d, latents = 5, 6, 80
     target = torch.randn(B, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -353,7 +354,9 @@ def test_jumprelu_file_stores_the_threshold_itself(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(stored, str(tmp_path / "j" / "sae.safetensors"))
-    with pytest.raises(UserError, match="thresholds must be positive"):
+    with pytest.raises(
+        UserError, match=r"sae.safetensors: 1 JumpReLU threshold\(s\) are ≤ 0, but θ must be positive"
+    ):
         load_sae(tmp_path / "j")
 
 

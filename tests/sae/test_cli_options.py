@@ -48,6 +48,46 @@ def test_every_architecture_field_has_a_flag(architecture: str) -> None:
             assert params[f.name].default is None, f"--{f.name} restates a default"
 
 
+def test_chunk_plan_flags_have_its_defaults() -> None:
+    from interlayer.activations import ChunkPlan
+
+    params = _params()
+    flags = {
+        "context_len": "context_len",
+        "batch_size": "model_batch_size",
+        "batches_per_chunk": "chunk_batches",
+    }
+    flags["mix_chunks"] = "mix_chunks"
+    assert {f.name for f in fields(ChunkPlan)} == set(flags)
+    for field_name, flag in flags.items():
+        assert params[flag].default == getattr(ChunkPlan, field_name), flag
+
+
+def test_every_architecture_option_reaches_the_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each architecture flag given on the command line ends up in the config the run is built from."""
+    from interlayer.sae import cli as sae_cli
+
+    seen = {}
+
+    def stop(architecture, latents, options):
+        seen.update(options)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(sae_cli, "architecture_config", stop)
+    args = ["sae", "train", "--latents", "64", "--out", str(tmp_path), "--k", "3", "--prefixes", "8,64"]
+    args += ["--heads", "4", "--m", "2", "--n", "8", "--l0-coefficient", "0.5", "--bandwidth", "0.25"]
+    args += ["--initial-threshold", "0.125"]
+    with pytest.raises(SystemExit):
+        monkeypatch.setattr(sys, "argv", ["interlayer", *args])
+        from interlayer.cli import app
+
+        app()
+    assert seen == {"k": 3, "prefixes": (8, 64), "heads": 4, "m": 2, "n": 8, "l0_coefficient": 0.5,
+                    "bandwidth": 0.25, "initial_threshold": 0.125}  # fmt: skip
+
+
 def test_base_config_fields_are_all_accounted_for() -> None:
     assert {f.name for f in fields(SAEConfig)} - {"latents"} == NOT_FLAGS
 
@@ -70,6 +110,16 @@ def test_base_config_fields_are_all_accounted_for() -> None:
         (["--architecture", "jumprelu", "--k", "4"], "--k does not apply to a jumprelu SAE"),
         (["--architecture", "topk"], "--k is required for a topk SAE"),
         (["--architecture", "relu", "--k", "4"], "unknown architecture 'relu'"),
+        (
+            ["--architecture", "kron", "--k", "4", "--m", "3", "--n", "5"],
+            "latents 64 is not a multiple of m·n = 15",
+        ),
+        (["--architecture", "kron", "--k", "4", "--heads", "4", "--n", "4"], "pass --heads 8"),
+        (["--architecture", "matryoshka", "--k", "4", "--prefixes", ""], "--prefixes takes comma-separated"),
+        (
+            ["--architecture", "topk", "--k", "4", "--m", "2", "--n", "4"],
+            "--m, --n do not apply to a topk SAE",
+        ),
     ],
 )
 def test_bad_architecture_settings_are_one_line(
@@ -89,8 +139,7 @@ def test_k_eval_above_K_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     code, _, err = run_cli(["sae", "eval", "--sae", str(tmp_path / "h"), "--k-eval", "4,16"], capsys)
     assert code == 2
     assert (
-        err.strip()
-        == "error: k = 16 exceeds K = 8, the largest budget this HierarchicalTopK SAE was trained for"
+        err.strip() == "error: k = 16 exceeds 8, the largest budget of this hierarchical SAE (its trained K)"
     )
     params = inspect.signature(sae_eval).parameters
     assert "k_eval" in params and json.dumps(params["k_eval"].default) == "null"

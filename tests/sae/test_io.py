@@ -154,3 +154,10 @@ def test_folded_copy_reads_raw_activations(architecture: str) -> None:
         torch.testing.assert_close(folded.encode(x), sae.encode(c * x), rtol=1e-5, atol=1e-5)
     # the original is untouched
     assert torch.equal(sae.W_enc_FD, random_sae(architecture, seed=2).W_enc_FD)
+
+
+def test_cfg_json_field_of_the_wrong_type_is_one_line() -> None:
+    with pytest.raises(UserError, match="x/cfg.json: a field has the wrong type"):
+        config_from_json(
+            {"d_in": 4, "latents": 8, "k": 2, "architecture": "matryoshka", "prefixes": 5}, "x/cfg.json"
+        )

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from interlayer.activations import Chunk
 from interlayer.errors import UserError
 from interlayer.sae import TopKConfig, TrainConfig, kernels
-from interlayer.sae.trainer import CHECKPOINT, CHECKPOINT_STATE, LEGACY_CHECKPOINT, RUN_FILE, train_saes
+from interlayer.sae.trainer import CHECKPOINT, CHECKPOINT_STATE, METRICS_FILE, RUN_FILE, train_saes
 
 
 def chunks_of(data_ND: torch.Tensor, rows: int, stop_after: int | None = None):
@@ -77,7 +77,39 @@ def test_the_pre_activation_workspace_is_freed_after_training(tmp_path: Path) ->
     assert kernels._WORKSPACE == {}  # released at the end
 
 
-def test_an_older_single_file_checkpoint_is_refused_not_ignored(tmp_path: Path) -> None:
-    save_file({"x": torch.zeros(1)}, str(tmp_path / LEGACY_CHECKPOINT))
-    with pytest.raises(UserError, match="checkpoint of an older interlayer"):
-        train_saes(tmp_path, chunks_of(DATA, 512), CFGS, TRAIN, {})
+def test_a_run_of_interlayer_0_1_returns_its_metrics_or_refuses_to_resume(tmp_path: Path) -> None:
+    """0.1 recorded format-1 SAE configs and no data seed; a finished run still returns its metrics, an
+    unfinished one cannot resume to the same result (the data order changed) and says so."""
+    done = train_saes(tmp_path / "new", chunks_of(DATA, 512), CFGS, TRAIN, {})
+    settings = json.loads((tmp_path / "new" / RUN_FILE).read_text())
+    for cfg in settings["saes"].values():
+        cfg["version"] = 1
+    finished, unfinished = tmp_path / "finished", tmp_path / "unfinished"
+    for folder in (finished, unfinished):
+        folder.mkdir()
+        (folder / RUN_FILE).write_text(json.dumps(settings))
+    (finished / METRICS_FILE).write_text(json.dumps(done))
+    assert train_saes(finished, chunks_of(DATA, 512), CFGS, TRAIN, {}) == done
+    (unfinished / CHECKPOINT).mkdir()
+    (unfinished / CHECKPOINT / CHECKPOINT_STATE).write_text(json.dumps({"chunk": 2, "step": 4, "sites": {}}))
+    with pytest.raises(UserError, match="unfinished run started by interlayer 0.1"):
+        train_saes(unfinished, chunks_of(DATA, 512), CFGS, TRAIN, {})
+    settings["train"]["seed"] = 7  # another command entirely is still "other settings"
+    (unfinished / RUN_FILE).write_text(json.dumps(settings))
+    with pytest.raises(UserError, match="holds a run with other settings"):
+        train_saes(unfinished, chunks_of(DATA, 512), CFGS, TRAIN, {})
+
+
+def test_data_parallel_refuses_batch_coupled_architectures(tmp_path: Path) -> None:
+    from interlayer.distributed import ProcessGroup
+    from interlayer.sae import make_config
+
+    cfgs = {
+        "s": make_config("matryoshka", d_in=16, latents=32, k=4),
+        "t": make_config("batchtopk", d_in=16, latents=32, k=4),
+    }
+    with pytest.raises(UserError, match="--distribute data cannot train batchtopk, matryoshka SAEs"):
+        train_saes(
+            tmp_path, chunks_of(DATA, 512), cfgs, TRAIN, {}, group=ProcessGroup(0, 2), distribute="data"
+        )
+    assert not (tmp_path / RUN_FILE).exists()
