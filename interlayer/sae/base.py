@@ -24,6 +24,7 @@ from torch import nn
 
 from interlayer.errors import UserError
 from interlayer.sae.config import SAEConfig
+from interlayer.sae.kernels import sparse_decode
 
 
 @dataclass
@@ -177,6 +178,27 @@ class SparseAutoencoder(nn.Module):
     def training_forward(self, x_BD: torch.Tensor, dead_F: torch.Tensor | None, k_aux: int) -> TrainingOutput:
         """The loss terms of one training batch (``dead_F``: latents AuxK may use; ``k_aux`` per token)."""
         raise NotImplementedError
+
+    def sparse_training_output(
+        self,
+        x_BD: torch.Tensor,
+        selection: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        recon_and_x_hat: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> TrainingOutput:
+        """The :class:`TrainingOutput` of a per-token selection (values_BK, latents_BK, AuxK values_BA, AuxK
+        latents_BA): AuxK decoded sparsely without bias, the firings, and the reconstruction term, which is
+        Σ‖x − x̂‖² of the sparse decode unless ``recon_and_x_hat`` gives the architecture's own."""
+        values_BK, indices_BK, aux_values_BA, aux_indices_BA = selection
+        if recon_and_x_hat is None:
+            x_hat_BD = sparse_decode(values_BK, indices_BK, self.W_dec_FD) + self.b_dec_D
+            recon_and_x_hat = ((x_hat_BD - x_BD).pow(2).sum(), x_hat_BD)
+        aux_hat_BD = None
+        if aux_indices_BA.shape[1] > 0:
+            aux_hat_BD = sparse_decode(aux_values_BA, aux_indices_BA, self.W_dec_FD)
+        active_BK = values_BK > 0
+        fired_F = torch.zeros(self.cfg.latents, dtype=torch.bool, device=x_BD.device)
+        fired_F[indices_BK[active_BK]] = True
+        return TrainingOutput(*recon_and_x_hat, aux_hat_BD, fired_F, float(active_BK.sum()))
 
 
 class DenseEncoderSAE(SparseAutoencoder):

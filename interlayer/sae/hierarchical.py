@@ -129,10 +129,10 @@ class HierarchicalTopKSAE(TopKSAE):
     cfg: HierarchicalConfig
 
     def training_forward(self, x_BD: torch.Tensor, dead_F: torch.Tensor | None, k_aux: int) -> TrainingOutput:
-        values_BK, indices_BK, aux_hat, fired_F = self.select(x_BD, dead_F, k_aux)
+        selection = self.select(x_BD, dead_F, k_aux)
+        values_BK, indices_BK = selection[0], selection[1]
         order_BK = values_BK.detach().argsort(dim=1, descending=True)
-        sorted_BK = values_BK.gather(1, order_BK)
         recon, residual_BD = prefix_loss(
-            x_BD - self.b_dec_D, sorted_BK, indices_BK.gather(1, order_BK), self.W_dec_FD
+            x_BD - self.b_dec_D, values_BK.gather(1, order_BK), indices_BK.gather(1, order_BK), self.W_dec_FD
         )
-        return TrainingOutput(recon, x_BD - residual_BD, aux_hat, fired_F, float((values_BK > 0).sum()))
+        return self.sparse_training_output(x_BD, selection, (recon, x_BD - residual_BD))

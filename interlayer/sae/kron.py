@@ -239,12 +239,7 @@ class KronSAE(SparseAutoencoder):
         return sparse_decode(values_BK, indices_BK, self.W_dec_FD) + self.b_dec_D
 
     def training_forward(self, x_BD: torch.Tensor, dead_F: torch.Tensor | None, k_aux: int) -> TrainingOutput:
-        values_BK, indices_BK, aux_values, aux_indices = kron_topk(
+        selection = kron_topk(
             x_BD - self.b_dec_D, self.W_enc_GD, self.b_enc_G, self.cfg, self.cfg.k, dead_F, k_aux
         )
-        x_hat_BD = sparse_decode(values_BK, indices_BK, self.W_dec_FD) + self.b_dec_D
-        aux_hat = sparse_decode(aux_values, aux_indices, self.W_dec_FD) if aux_indices.shape[1] > 0 else None
-        fired_F = torch.zeros(self.cfg.latents, dtype=torch.bool, device=x_BD.device)
-        fired_F[indices_BK[values_BK > 0]] = True
-        recon = (x_hat_BD - x_BD).pow(2).sum()
-        return TrainingOutput(recon, x_hat_BD, aux_hat, fired_F, float((values_BK > 0).sum()))
+        return self.sparse_training_output(x_BD, selection)

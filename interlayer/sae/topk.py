@@ -46,18 +46,9 @@ class TopKSAE(DenseEncoderSAE):
 
     def select(
         self, x_BD: torch.Tensor, dead_F: torch.Tensor | None, k_aux: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The training selection: (values_BK, indices_BK, AuxK reconstruction or None, fired_F)."""
-        values_BK, indices_BK, aux_values, aux_indices = fused_topk_encode(
-            x_BD - self.b_dec_D, self.W_enc_FD, self.b_enc_F, self.cfg.k, dead_F, k_aux
-        )
-        aux_hat = sparse_decode(aux_values, aux_indices, self.W_dec_FD) if aux_indices.shape[1] > 0 else None
-        fired_F = torch.zeros(self.cfg.latents, dtype=torch.bool, device=x_BD.device)
-        fired_F[indices_BK[values_BK > 0]] = True
-        return values_BK, indices_BK, aux_hat, fired_F
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training selection: (values_BK, latents_BK, AuxK values_BA, AuxK latents_BA)."""
+        return fused_topk_encode(x_BD - self.b_dec_D, self.W_enc_FD, self.b_enc_F, self.cfg.k, dead_F, k_aux)
 
     def training_forward(self, x_BD: torch.Tensor, dead_F: torch.Tensor | None, k_aux: int) -> TrainingOutput:
-        values_BK, indices_BK, aux_hat, fired_F = self.select(x_BD, dead_F, k_aux)
-        x_hat_BD = sparse_decode(values_BK, indices_BK, self.W_dec_FD) + self.b_dec_D
-        recon = (x_hat_BD - x_BD).pow(2).sum()
-        return TrainingOutput(recon, x_hat_BD, aux_hat, fired_F, float((values_BK > 0).sum()))
+        return self.sparse_training_output(x_BD, self.select(x_BD, dead_F, k_aux))

@@ -73,8 +73,9 @@ def test_any_leading_shape_and_dtype(architecture: str) -> None:
     z = sae.encode(x_BTD)
     assert z.shape == (3, 5, F)
     x_hat, codes = sae.reconstruct(x_BTD)
-    torch.testing.assert_close(x_hat, sae.decode(z), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_hat, sae(x_BTD), rtol=1e-12, atol=1e-12)  # forward may take a sparse path
     torch.testing.assert_close(codes, z, rtol=0, atol=0)
+    torch.testing.assert_close(sae.decode(z), z @ sae.W_dec_FD + sae.b_dec_D, rtol=1e-12, atol=1e-12)
     # a float32 input is computed in the SAE's dtype and returned as float32
     assert sae(x_BTD.float()).dtype == torch.float32
     with pytest.raises(UserError, match="last dimension is 7"):
@@ -91,18 +92,6 @@ def test_save_load_round_trip(architecture: str, tmp_path: Path) -> None:
     torch.testing.assert_close(loaded(x), sae(x).detach(), rtol=1e-6, atol=1e-6)
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == architecture and cfg["version"] == 2
-
-
-def test_format_1_folder_still_loads(tmp_path: Path) -> None:
-    """A folder written by interlayer 0.1 (format 1: k always present, no per-architecture fields)."""
-    sae = random_sae("batchtopk").float()
-    save_sae(sae, tmp_path / "old")
-    cfg = json.loads((tmp_path / "old" / "cfg.json").read_text())
-    cfg["version"] = 1
-    (tmp_path / "old" / "cfg.json").write_text(json.dumps(cfg))
-    loaded = load_sae(tmp_path / "old", device=TEST_DEVICE)
-    x = rand(4, D).float()
-    torch.testing.assert_close(loaded(x), sae(x).detach())
 
 
 def test_k_at_inference_only_where_there_is_a_k() -> None:
@@ -143,7 +132,8 @@ def test_prefix_loss_and_every_gradient_match_the_naive_reference(
     )
     indices = torch.stack([torch.randperm(latents, generator=g)[:K] for _ in range(B)])
     W = torch.randn(latents, d, generator=g, dtype=torch.float64, requires_grad=True)
-    indices[0, -1] = indices[0, 0] if K > 1 else indices[0, 0]  # a repeated row must accumulate gradients
+    if K > 1:
+        indices[0, -1] = indices[0, 0]  # a latent twice in one token: its row's gradients must accumulate
     if K > 1:  # a token with fewer than K positive values: the tail is 0 (ReLU outputs)
         with torch.no_grad():
             values[1, K // 2 :] = 0
@@ -364,3 +354,20 @@ def test_l0_coefficient_only_for_jumprelu() -> None:
     with pytest.raises(UserError, match="--l0-coefficient does not apply to a topk SAE"):
         make_config("topk", d_in=4, latents=8, k=2, l0_coefficient=0.1)
     assert isinstance(build_sae(make_config("topk", d_in=4, latents=8, k=2)), TopKSAE)
+
+
+@pytest.mark.parametrize("architecture", list(OPTIONS))
+def test_fold_input_scale_for_every_architecture(architecture: str) -> None:
+    """An SAE trained on c·x, applied to c·x and divided by c, equals the folded SAE applied to x (thresholds
+    included: they sit on the unchanged pre-activations)."""
+    c = 3.7
+    sae = random_sae(architecture, seed=9)
+    folded = random_sae(architecture, seed=9)
+    folded.load_state_dict(sae.state_dict())
+    folded.fold_input_scale_(c)
+    x = rand(30, D, seed=10)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), sae(c * x) / c, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(folded.encode(x), sae.encode(c * x), rtol=1e-10, atol=1e-12)
+        assert int((folded.encode(x) != 0).sum()) > 0
+        assert not torch.allclose(folded(x), sae(x)), "folding must change the function on raw x"

@@ -140,9 +140,10 @@ def test_every_architecture_is_evaluated_through_its_own_forward(architecture, t
     )
     sae.initialise_(torch.Generator().manual_seed(3))
     if architecture in ("batchtopk", "matryoshka"):
-        sae.threshold.fill_(0.05)
+        sae.threshold.fill_(0.05)  # cuts some positive pre-activations (asserted below)
     sae.eval()
-    k = 3 if "k" in ARCHS[architecture] else None
+    # TopK-family SAEs at another budget; BatchTopK and Matryoshka by their own threshold (their usual path)
+    k = 3 if architecture in ("topk", "hierarchical", "kron") else None
     evaluation = evaluate_saes(
         lm, {"layers.1": sae}, str(corpus), tokens=10**9, context_len=32, batch_size=1000, split="all", k=k
     )
@@ -160,6 +161,9 @@ def test_every_architecture_is_evaluated_through_its_own_forward(architecture, t
     assert metrics["l0"] == pytest.approx(float((z != 0).sum(1).float().mean()), rel=1e-6)
     if k is not None:
         assert metrics["l0"] <= k
+    if architecture in ("batchtopk", "matryoshka"):
+        pre = sae.pre_activations(x)
+        assert 0 < metrics["l0"] < float((pre > 0).sum(1).float().mean())
     with splice(lm.model, {site: lambda t: sae(t, k=k)}, keep=batch.keep_BT):
         spliced = lm.model(**inputs).logits
     assert metrics["ce_sae"] == pytest.approx(manual_ce(spliced, batch.input_ids_BT, batch.keep_BT), abs=1e-5)

@@ -161,3 +161,16 @@ def test_cfg_json_field_of_the_wrong_type_is_one_line() -> None:
         config_from_json(
             {"d_in": 4, "latents": 8, "k": 2, "architecture": "matryoshka", "prefixes": 5}, "x/cfg.json"
         )
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_folders_written_by_interlayer_0_1_load_with_the_same_outputs(architecture: str) -> None:
+    """tests/fixtures/format1 was written by interlayer 0.1 itself (tests/fixtures/make_format1.py)."""
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "format1"
+    assert json.loads((fixtures / architecture / CFG_FILE).read_text())["version"] == 1
+    want = load_file(str(fixtures / "outputs.safetensors"))
+    sae = load_sae(fixtures / architecture)
+    assert sae.cfg.architecture == architecture and sae.cfg.k == 3
+    with torch.no_grad():
+        torch.testing.assert_close(sae(want["x"]), want[f"{architecture}.x_hat"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sae.encode(want["x"]), want[f"{architecture}.z"], rtol=1e-6, atol=1e-6)
