@@ -1,14 +1,14 @@
-"""KronSAE with mAND (Kurochkin et al., arXiv:2505.22255), ``--architecture kron --heads h --m m --n n``.
+"""KronSAE with mAND (Kurochkin et al., arXiv:2505.22255), ``--architecture kron --heads H --m m --n n``.
 
-A factorised encoder: one matrix W_enc of shape h·(m+n) × d with bias,
+A factorised encoder: one matrix W_enc of shape H·(m+n) × d with bias, for H heads h = 0..H−1,
 
-    pre = ReLU(W_enc (x − b_dec) + b_enc) = [p_{1..h,1}, …, p_{1..h,m}, q_{1..h,1}, …, q_{1..h,n}]
-          (factor-major rows: p_{h,i} is row i·h + h, q_{h,j} row h·m + j·h + h, so the per-head maxima
-          are element-wise maxima of contiguous [B, h] slabs),
-    z_{h,i,j} = mAND(p_{h,i}, q_{h,j}) = √(p_{h,i} · q_{h,j}),   latent f = h·m·n + i·n + j  (F = h·m·n, m ≤ n),
+    pre = ReLU(W_enc (x − b_dec) + b_enc) = [p_{0..H−1,0}, …, p_{0..H−1,m−1}, q_{0..H−1,0}, …, q_{0..H−1,n−1}]
+          (factor-major rows: p_{h,i} is row i·H + h, q_{h,j} row H·m + j·H + h, so the per-head maxima
+          are element-wise maxima of contiguous [B, H] slabs),
+    z_{h,i,j} = mAND(p_{h,i}, q_{h,j}) = √(p_{h,i} · q_{h,j}),   latent f = h·m·n + i·n + j  (F = H·m·n, m ≤ n),
 
 then TopK over the F post-latents and the ordinary F×d decoder: x̂ = W_decᵀ TopK(z) + b_dec. The encoder costs
-O(h(m+n)d) instead of O(F·d). As for every SAE here, b_dec is subtracted before the encoder (the paper's
+O(H(m+n)d) instead of O(F·d). As for every SAE here, b_dec is subtracted before the encoder (the paper's
 appendix does not; the two are equivalent by b_enc ← b_enc − W_enc b_dec).
 
 The mAND rule used here: z = √(p·q) exactly, so a pair is 0 whenever p ≤ 0 or q ≤ 0 (after the ReLU: p = 0 or

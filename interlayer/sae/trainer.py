@@ -3,9 +3,9 @@
 Per step, for a batch x of B rows (scaled by c when normalising, so that E‖c·x‖² = d):
     L = S / Σ‖x − x̄‖²  +  α · min(n_dead / k_aux, 1) · Σ‖e − ê‖² / Σ‖x − x̄‖²  +  P / B,
 with S the architecture's reconstruction term (TopK: Σ‖x − x̂‖²; see each architecture's module), e = x − x̂
-(detached), ê the AuxK reconstruction from the top k_aux (= d/2) pre-activations among latents that have
-not fired for ``dead_tokens`` tokens (architectures without AuxK return none), x̄ the batch mean, α = 1/32,
-and P the architecture's penalty summed over rows (JumpReLU's λ·L0; 0 for the others). The loop, the
+(detached), ê the AuxK reconstruction from the top k_aux (= d/2) pre-activations (KronSAE: post-latents)
+among latents that have not fired for ``dead_tokens`` tokens (architectures without AuxK return none), x̄
+the batch mean, α = 1/32, and P the architecture's penalty summed over rows (JumpReLU's λ·L0; 0 for the others). The loop, the
 optimiser, checkpoints, dead-latent counters and distributed reductions live here; nothing in this module
 depends on the architecture (:class:`~interlayer.sae.base.TrainingOutput` carries the terms).
 
