@@ -233,7 +233,7 @@ def sae_eval(
     """Evaluate SAEs: pooled EV, FVU, L0, dead/dense latents, and spliced CE/KL (or pooled cosine)."""
     from interlayer.activations import check_outlier_norm
     from interlayer.models import load_model, pick_device
-    from interlayer.sae.evaluate import evaluate_saes
+    from interlayer.sae.evaluate import evaluate_at_budgets
     from interlayer.sae.io import load_sae
 
     check_outlier_norm(outlier_norm)
@@ -256,22 +256,21 @@ def sae_eval(
     if not model:
         raise UserError("the SAE's cfg.json names no model; pass --model")
     lm = load_model(model, device=device, dtype=dtype)
-    by_k: dict[str, dict[str, dict[str, float]]] = {}
-    for k in budgets:
-        label = "trained" if k is None else f"k={k}"
-        with progress_bar(f"evaluating ({label})", tokens) as bar:
-            evaluation = evaluate_saes(
-                lm,
-                saes,
-                data,
-                tokens,
-                context_len,
-                model_batch_size,
-                on_batch=lambda n: bar.advance(n),
-                outlier_norm=outlier_norm,
-                k=k,
-            )
-        by_k[str(k)] = {site: evaluation.metrics(site) for site in saes}
+    with progress_bar(f"evaluating {len(budgets)} budget(s)", tokens) as bar:
+        evaluations = evaluate_at_budgets(
+            lm,
+            saes,
+            data,
+            tokens,
+            budgets,
+            context_len,
+            model_batch_size,
+            on_batch=lambda n: bar.advance(n),
+            outlier_norm=outlier_norm,
+        )
+    by_k = {
+        str(k): {site: evaluation.metrics(site) for site in saes} for k, evaluation in evaluations.items()
+    }
     rows = [{"site": s, "k": k, **m} for k, results in by_k.items() for s, m in results.items()]
     if not as_json:
         if budgets == [None]:

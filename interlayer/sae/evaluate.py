@@ -1,12 +1,13 @@
 """Evaluate SAEs on held-out text: reconstruction, downstream effect of splicing, top contexts per latent.
 
-One clean forward pass per batch serves every SAE; each SAE then costs one spliced and one zero-ablated pass.
+One clean forward pass per batch serves every SAE; each SAE then costs one zero-ablated pass and one spliced
+pass per budget k asked for.
 The formulas are in :mod:`interlayer.sae.metrics`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -99,14 +100,38 @@ def evaluate_saes(
     latents per token (architectures with a k; see :meth:`SparseAutoencoder.check_k`). The SAE's own forward
     (:meth:`SparseAutoencoder.reconstruct`) gives both x̂ and the codes.
     """
+    return evaluate_at_budgets(
+        lm, saes, data, tokens, [k], context_len, batch_size, split, on_batch, outlier_norm
+    )[k]
+
+
+@torch.no_grad()
+def evaluate_at_budgets(
+    lm: LoadedModel,
+    saes: Mapping[str, SparseAutoencoder],
+    data: str,
+    tokens: int,
+    ks: Sequence[int | None],
+    context_len: int = 128,
+    batch_size: int = 16,
+    split: str = "validation",
+    on_batch: Callable[[int], None] | None = None,
+    outlier_norm: float = 0.0,
+) -> dict[int | None, Evaluation]:
+    """:func:`evaluate_saes` at each budget of ``ks`` (None: the SAE's own), on the same tokens: the clean and
+    the zero-ablated forward passes run once per batch (per site) for all budgets, the spliced one per budget."""
     check_outlier_norm(outlier_norm)
     sites = {site.name: site for site in resolve_sites(lm.model, list(saes))}
     for name, sae in saes.items():
         check_sae_fits(sae, sites[name], name)
-        sae.check_k(k)
+        for k in ks:
+            sae.check_k(k)
     results = {
-        name: SiteEvaluation(ReconstructionMetrics(sae.cfg.latents), TopContexts(sae.cfg.latents))
-        for name, sae in saes.items()
+        k: {
+            name: SiteEvaluation(ReconstructionMetrics(sae.cfg.latents), TopContexts(sae.cfg.latents))
+            for name, sae in saes.items()
+        }
+        for k in ks
     }
     contexts: list[torch.Tensor] = []
     seen = n_contexts = 0
@@ -120,32 +145,24 @@ def evaluate_saes(
             clean = _output(lm, lm.model(**inputs))
         where_M2 = keep_BT.nonzero().cpu()
         where_M2[:, 0] += n_contexts
+        downstream = _downstream(lm, clean, inputs, keep_BT)
         for name, sae in saes.items():
-            result = results[name]
             kept_MD = acts[name][keep_BT].float()
             inlier_M = inlier_mask(kept_MD, outlier_norm)
             site_keep_BT = keep_BT.clone()
             site_keep_BT[keep_BT] = inlier_M
             x_MD = kept_MD[inlier_M]
-            x_hat_MD, z_MF = sae.reconstruct(x_MD, k)
-            result.reconstruction.update(x_MD, x_hat_MD, z_MF)
-            result.contexts.update(z_MF, where_M2[inlier_M.cpu()])
-            with splice(lm.model, {sites[name]: replace_kept(site_keep_BT, partial(sae, k=k))}):
-                spliced = _output(lm, lm.model(**inputs))
             with splice(lm.model, {sites[name]: replace_kept(site_keep_BT, torch.zeros_like)}):
                 zeroed = _output(lm, lm.model(**inputs))
-            if lm.is_causal_lm:
-                for key, logits in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed)):
-                    total, count = next_token_ce_sum(logits, inputs["input_ids"], keep_BT)
-                    result.add(key, total)
-                result.add("targets", count)
-                result.add("kl", kl_sum(clean, spliced, keep_BT))
-            else:
-                mask = inputs["attention_mask"]
-                u_clean = pooled_embedding(clean, mask)
-                result.add("cos_sae", cosine_sum(u_clean, pooled_embedding(spliced, mask)))
-                result.add("cos_zero", cosine_sum(u_clean, pooled_embedding(zeroed, mask)))
-                result.add("contexts", clean.shape[0])
+            for k in ks:
+                result = results[k][name]
+                x_hat_MD, z_MF = sae.reconstruct(x_MD, k)
+                result.reconstruction.update(x_MD, x_hat_MD, z_MF)
+                result.contexts.update(z_MF, where_M2[inlier_M.cpu()])
+                with splice(lm.model, {sites[name]: replace_kept(site_keep_BT, partial(sae, k=k))}):
+                    spliced = _output(lm, lm.model(**inputs))
+                for key, value in downstream(spliced, zeroed).items():
+                    result.add(key, value)
         contexts.append(batch.input_ids_BT)
         n_contexts += batch.input_ids_BT.shape[0]
         seen += int(batch.keep_BT.sum())
@@ -155,7 +172,38 @@ def evaluate_saes(
             break
     if not contexts:
         raise UserError(f"data {data} gave no evaluation tokens in split {split!r}")
-    return Evaluation(results, torch.cat(contexts), lm.is_causal_lm)
+    ids_CT = torch.cat(contexts)
+    return {k: Evaluation(results[k], ids_CT, lm.is_causal_lm) for k in ks}
+
+
+def _downstream(
+    lm: LoadedModel, clean: torch.Tensor, inputs: dict[str, torch.Tensor], keep_BT: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor], dict[str, float]]:
+    """The per-batch sums of the downstream metrics of a (spliced, zeroed) pair of outputs against ``clean``."""
+    if lm.is_causal_lm:
+        ce_clean, count = next_token_ce_sum(clean, inputs["input_ids"], keep_BT)
+
+        def causal(spliced: torch.Tensor, zeroed: torch.Tensor) -> dict[str, float]:
+            return {
+                "ce_clean": ce_clean,
+                "ce_sae": next_token_ce_sum(spliced, inputs["input_ids"], keep_BT)[0],
+                "ce_zero": next_token_ce_sum(zeroed, inputs["input_ids"], keep_BT)[0],
+                "targets": count,
+                "kl": kl_sum(clean, spliced, keep_BT),
+            }
+
+        return causal
+    mask = inputs["attention_mask"]
+    u_clean = pooled_embedding(clean, mask)
+
+    def encoder(spliced: torch.Tensor, zeroed: torch.Tensor) -> dict[str, float]:
+        return {
+            "cos_sae": cosine_sum(u_clean, pooled_embedding(spliced, mask)),
+            "cos_zero": cosine_sum(u_clean, pooled_embedding(zeroed, mask)),
+            "contexts": clean.shape[0],
+        }
+
+    return encoder
 
 
 def _output(lm: LoadedModel, out: object) -> torch.Tensor:

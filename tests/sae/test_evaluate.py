@@ -167,3 +167,19 @@ def test_every_architecture_is_evaluated_through_its_own_forward(architecture, t
     with splice(lm.model, {site: lambda t: sae(t, k=k)}, keep=batch.keep_BT):
         spliced = lm.model(**inputs).logits
     assert metrics["ce_sae"] == pytest.approx(manual_ce(spliced, batch.input_ids_BT, batch.keep_BT), abs=1e-5)
+
+
+@torch.no_grad()
+def test_budgets_evaluated_together_match_separate_evaluations(tiny_models, corpus):
+    from interlayer.sae.evaluate import evaluate_at_budgets
+
+    lm = load_model(str(tiny_models["llama"]))
+    sae = random_sae(32, "layers.1")
+    together = evaluate_at_budgets(lm, {"layers.1": sae}, str(corpus), 300, [2, None], 32, 8, "all")
+    for k in (2, None):
+        alone = evaluate_saes(lm, {"layers.1": sae}, str(corpus), 300, 32, 8, "all", k=k).metrics("layers.1")
+        got = together[k].metrics("layers.1")
+        assert got.keys() == alone.keys()
+        for key, value in alone.items():
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9), (k, key)
+    assert together[2].metrics("layers.1")["l0"] <= 2 < together[None].metrics("layers.1")["l0"]
