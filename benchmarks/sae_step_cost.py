@@ -5,7 +5,8 @@ Targets (issue 7): HierarchicalTopK at K = 64, F = 16,384, batch 4,096: step tim
 TopK's. Each architecture runs in a fresh subprocess (so peak memory is its own) on the same random
 activations (d = 384, the MiniLM width; a step's cost does not depend on the values): a few warm-up steps,
 then the median of timed steps of the library's own ``SiteTrainer.step`` (forward, loss, backward, decoder
-projection, Adam). Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on
+projection, Adam); the cases run interleaved in ``--rounds`` rounds, and each reports its fastest round's
+median (time) and the median over rounds of its peak memory. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on
 the CPU the growth of the process's peak RSS (``ru_maxrss``) from just before the SAE is built, which counts
 the SAE, its Adam state and every temporary of a step.
 
@@ -73,31 +74,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved repetitions of every case.")
     parser.add_argument("--quick", action="store_true", help="F = 2,048, batch 512, 2 steps: a smoke run.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sae_step_cost.json"))
     args = parser.parse_args()
     latents, batch = (2048, 512) if args.quick else (F, B)
     steps = 2 if args.quick else args.steps
+    if args.quick:
+        args.rounds = 1
     if args.child:
         architecture, options = CASES[args.child]
         if args.quick and architecture == "kron":
             options = {**options, "heads": options["heads"] // 8}
         print(json.dumps(measure(architecture, options, args.device, steps, latents, batch)))
         return
-    results = {}
-    for name in CASES:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--device", args.device, "--steps", str(steps)]
-            + (["--quick"] if args.quick else []),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(
-            f"{name:28s} {results[name]['median_s'] * 1e3:9.1f} ms  peak {results[name]['peak_mb']:8.1f} MB"
-        )
+    runs: dict[str, list[dict]] = {name: [] for name in CASES}
+    for _ in range(args.rounds):  # cases interleaved, so a burst of load from elsewhere hits all alike
+        for name in CASES:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", name, "--device", args.device, "--steps", str(steps)]
+                + (["--quick"] if args.quick else []),
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results = {
+        name: {
+            "median_s": min(r["median_s"] for r in rs),  # the least-disturbed round
+            "peak_mb": statistics.median(r["peak_mb"] for r in rs),
+            "rounds": rs,
+        }
+        for name, rs in runs.items()
+    }
+    for name, r in results.items():
+        print(f"{name:28s} {r['median_s'] * 1e3:9.1f} ms  peak {r['peak_mb']:8.1f} MB")
     ratios = {
         "hierarchical_time_vs_topk": results["hierarchical K=64"]["median_s"]
         / results["topk k=64"]["median_s"],

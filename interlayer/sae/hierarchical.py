@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from interlayer.sae.base import TrainingOutput
 from interlayer.sae.topk import TopKConfig, TopKSAE
 
-CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
+CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 24}
 """Per device type: tokens go in chunks of C = CHUNK_ELEMENTS // (K·max(d, K)), so each C×K×d (or C×K×K)
 buffer holds at most this many floats (16 MB on the CPU, 64 MB on a GPU)."""
 
@@ -99,7 +99,8 @@ class PrefixLoss(torch.autograd.Function):
             residual_BD[s : s + rows] = r0_CD - sums_C2D[:, 0]
             grad_target_BD[s : s + rows] = 2 * (r0_CD - sums_C2D[:, 1])
             grad_W_FD.index_add_(0, idx_CK.reshape(-1), T_CKD.reshape(-1, d))
-        ctx.save_for_backward(grad_target_BD, grad_values_BK, grad_W_FD)
+        # kept as attributes, not saved tensors, so the backward can scale them in place (no second F×d copy)
+        ctx.grads = (grad_target_BD, grad_values_BK, grad_W_FD)
         ctx.mark_non_differentiable(residual_BD)
         return total.to(target_BD.dtype), residual_BD
 
@@ -108,8 +109,11 @@ class PrefixLoss(torch.autograd.Function):
         grad_S = grads[0]
         if grad_S is None:
             return None, None, None, None
-        grad_target_BD, grad_values_BK, grad_W_FD = ctx.saved_tensors
-        return grad_target_BD * grad_S, grad_values_BK * grad_S, None, grad_W_FD * grad_S
+        if ctx.grads is None:
+            raise RuntimeError("PrefixLoss supports one backward pass (its gradients are scaled in place)")
+        grad_target_BD, grad_values_BK, grad_W_FD = ctx.grads
+        ctx.grads = None
+        return grad_target_BD.mul_(grad_S), grad_values_BK.mul_(grad_S), None, grad_W_FD.mul_(grad_S)
 
 
 def prefix_loss(
