@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import PeerResult, evaluate, train_sparsify  # noqa: E402
+from peers import PeerResult, evaluate  # noqa: E402
 
 from interlayer.activations import Chunk, ChunkPlan, model_chunks  # noqa: E402
 from interlayer.models import load_model  # noqa: E402
@@ -82,7 +82,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="A small run that checks the script end to end.")
-    parser.add_argument("--tokens", type=int, default=400 * 4096)
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=90 * 4096,
+        help="Training tokens (stdlib:docs' train split holds ~382k).",
+    )
     parser.add_argument("--latents", type=int, default=32_768)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4096)
@@ -97,15 +102,19 @@ def main() -> None:
     heldout_ND = activations(lm, "validation", max(4096, args.tokens // 16), device)
     del lm
     shape = (args.latents, args.k, args.batch_size)
-    results = [
-        train_sparsify(train_ND, heldout_ND, *shape, None, 0, device=str(device)),
-        *(train_ours(a, train_ND, heldout_ND, *shape) for a in ("topk", "batchtopk", "hierarchical")),
-    ]
+    results = []
+    try:  # sparsify needs datasets, accelerate, einops, …: without them, report ours alone and say why
+        from peers import train_sparsify
+
+        results.append(train_sparsify(train_ND, heldout_ND, *shape, None, 0, device=str(device)))
+    except Exception as exc:  # a peer that cannot run must not hide our rows
+        print(f"sparsify not run: {type(exc).__name__}: {exc}")
+    results += [train_ours(a, train_ND, heldout_ND, *shape) for a in ("topk", "batchtopk", "hierarchical")]
     base = results[0].tokens_per_s
     print(f"\nGPU SAE training: d = {train_ND.shape[1]}, F = {args.latents}, k = {args.k} (hierarchical: K = k), "
           f"batch {args.batch_size}, {results[0].tokens} tokens, {device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()})")  # fmt: skip
-    print("| run | tokens/s | vs sparsify topk | held-out FVU | L0 | s |")
+    print(f"| run | tokens/s | vs {results[0].name} | held-out FVU | L0 | s |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(

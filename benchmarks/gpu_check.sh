@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_prepare.sh                   # here, once: fills .gpu/ (wheels + fp16 MiniLM)
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=540)    # on the GPU machine
-#   bash benchmarks/gpu_check.sh --device cpu --quick                            # here: the script end to end
+#   PY=.venv/bin/python bash benchmarks/gpu_check.sh --device cpu --quick        # here: the script end to end
 #
 # Needs nothing but the working tree and .gpu/ on a machine whose python3 holds torch with CUDA,
 # transformers, safetensors, typer, rich, scipy, pytest and triton (see gpu_prepare.sh for what .gpu/ adds).
@@ -28,6 +28,7 @@ if [ -d .gpu/whl ] && ! $PY -c "import sparsify" 2>/dev/null; then  # install wh
 fi
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS for the tests' deterministic mode
 [ -d .gpu/minilm ] && export INTERLAYER_MINILM="$PWD/.gpu/minilm"
 status=0
 echo "== machine"
@@ -39,7 +40,7 @@ tests=(tests)
 INTERLAYER_TEST_DEVICE="$DEVICE" timeout "${TEST_SECONDS:-240}" $PY -m pytest -q -p no:cacheprovider "${tests[@]}" \
   -o addopts="" -W ignore::UserWarning 2>&1 | tail -25 || status=1
 echo "== step time and memory per architecture"
-timeout 90 $PY benchmarks/sae_step_cost.py --device "$DEVICE" $QUICK || status=1
+timeout 90 $PY benchmarks/sae_step_cost.py --device "$DEVICE" --rounds 1 $QUICK || status=1
 echo "== training against sparsify"
 timeout 150 $PY benchmarks/gpu_bench.py --device "$DEVICE" $QUICK 2>&1 | grep -v -e "^Loading weights" -e "Triton not installed" || status=1
 exit $status

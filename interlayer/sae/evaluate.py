@@ -121,6 +121,7 @@ def evaluate_at_budgets(
     """:func:`evaluate_saes` at each budget of ``ks`` (None: the SAE's own), on the same tokens: the clean and
     the zero-ablated forward passes run once per batch (per site) for all budgets, the spliced one per budget."""
     check_outlier_norm(outlier_norm)
+    ks = list(dict.fromkeys(ks))  # a budget asked for twice is evaluated once
     sites = {site.name: site for site in resolve_sites(lm.model, list(saes))}
     for name, sae in saes.items():
         check_sae_fits(sae, sites[name], name)

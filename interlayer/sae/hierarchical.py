@@ -20,7 +20,7 @@ and, with M_i = Σ_i' A_ii' v_i' w_i',
     ∂S/∂v_i = 2 ⟨w_i, M_i − a_i r0⟩,   ∂S/∂w_i = 2 v_i (M_i − a_i r0),   ∂S/∂r0 = 2 (r0 − Σ_i a_i v_i w_i).
 Tokens go in chunks of C = CHUNK_ELEMENTS / (K·max(d, K)): each chunk gathers its C×K decoder rows once and forms
 2v_i(M_i − a_i r0) with one batched K×K product; S, ∂S/∂v, ∂S/∂r0 and the scatter into ∂S/∂W_dec follow
-from it, in the forward pass (the backward only scales them). Memory is O(C·K·max(d, K)): 16 MB per
+from it, in the forward pass (the backward only scales them). Memory is O(C·K·max(d, K)): 8 MB per
 buffer on the CPU, 64 MB on a GPU (fewer, larger launches), never B×K×d. The official Triton kernel (github.com/corl-team/flexsae) loops over budgets instead (a running
 suffix sum of residuals); the algebra above turns that loop into BLAS products, which is what plain
 PyTorch does fast on a CPU and on any GPU.
@@ -39,7 +39,7 @@ from interlayer.sae.topk import TopKConfig, TopKSAE
 
 CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 24}
 """Per device type: tokens go in chunks of C = CHUNK_ELEMENTS // (K·max(d, K)), so each C×K×d (or C×K×K)
-buffer holds at most this many floats (16 MB on the CPU, 64 MB on a GPU)."""
+buffer holds at most this many floats (8 MB on the CPU, 64 MB on a GPU)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -390,7 +390,7 @@ def _same_command_before_mixing(stored: dict[str, object], settings: dict[str, o
             cfg.pop("version", None)
         return copy
 
-    return older(stored) == older(settings) and "data_seed" not in stored
+    return "data_seed" in settings and "data_seed" not in stored and older(stored) == older(settings)
 
 
 def checkpoint_exists(out: Path) -> bool:

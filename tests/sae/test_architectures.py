@@ -126,12 +126,11 @@ def test_prefix_loss_and_every_gradient_match_the_naive_reference(
     monkeypatch.setitem(hierarchical.CHUNK_ELEMENTS, TEST_DEVICE.type, budget)
     g = torch.Generator().manual_seed(K)
     B, d, latents = 5, 6, 80
-    target = torch.randn(B, d, generator=g, dtype=torch.float64, requires_grad=True)
-    values = (
-        torch.rand(B, K, generator=g, dtype=torch.float64).sort(1, descending=True).values.requires_grad_()
-    )
-    indices = torch.stack([torch.randperm(latents, generator=g)[:K] for _ in range(B)])
-    W = torch.randn(latents, d, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(B, d, generator=g, dtype=torch.float64).to(TEST_DEVICE).requires_grad_()
+    values = torch.rand(B, K, generator=g, dtype=torch.float64).sort(1, descending=True).values
+    values = values.to(TEST_DEVICE).requires_grad_()
+    indices = torch.stack([torch.randperm(latents, generator=g)[:K] for _ in range(B)]).to(TEST_DEVICE)
+    W = torch.randn(latents, d, generator=g, dtype=torch.float64).to(TEST_DEVICE).requires_grad_()
     if K > 1:
         indices[0, -1] = indices[0, 0]  # a latent twice in one token: its row's gradients must accumulate
     if K > 1:  # a token with fewer than K positive values: the tail is 0 (ReLU outputs)

@@ -69,7 +69,7 @@ def test_forward_rows_with_fewer_than_k_positive() -> None:
 
 def test_forward_with_aux_selection() -> None:
     x, W, b = make_inputs(2)
-    dead = torch.zeros(F, dtype=torch.bool)
+    dead = torch.zeros(F, dtype=torch.bool, device=TEST_DEVICE)
     dead[torch.randperm(F, generator=torch.Generator().manual_seed(3))[:15]] = True
     k_aux = 6
     values, indices, aux_v, aux_i = fused_topk_encode(x, W, b, K, dead, k_aux)
@@ -81,7 +81,7 @@ def test_forward_with_aux_selection() -> None:
         dense_codes(aux_v, aux_i, F), reference_aux(pre, dead, k_aux), rtol=0, atol=1e-12
     )
     # fewer dead latents than k_aux: all of them are taken
-    few = torch.zeros(F, dtype=torch.bool)
+    few = torch.zeros(F, dtype=torch.bool, device=TEST_DEVICE)
     few[[4, 9, 33]] = True
     _, _, aux_v, aux_i = fused_topk_encode(x, W, b, K, few, k_aux)
     assert aux_v.shape == (B, 3)
@@ -89,7 +89,9 @@ def test_forward_with_aux_selection() -> None:
         dense_codes(aux_v, aux_i, F), reference_aux(pre, few, k_aux), rtol=0, atol=1e-12
     )
     # no dead latent: no aux selection
-    _, _, aux_v, _ = fused_topk_encode(x, W, b, K, torch.zeros(F, dtype=torch.bool), k_aux)
+    _, _, aux_v, _ = fused_topk_encode(
+        x, W, b, K, torch.zeros(F, dtype=torch.bool, device=TEST_DEVICE), k_aux
+    )
     assert aux_v.shape == (B, 0)
 
 
@@ -101,12 +103,12 @@ def test_backward_matches_dense_autograd(with_aux: bool, bias_shift: float) -> N
     dead = None
     k_aux = 0
     if with_aux:
-        dead = torch.zeros(F, dtype=torch.bool)
+        dead = torch.zeros(F, dtype=torch.bool, device=TEST_DEVICE)
         dead[torch.randperm(F, generator=torch.Generator().manual_seed(5))[:12]] = True
         k_aux = 4
     g = torch.Generator().manual_seed(6)
-    up_main = torch.randn(B, F, generator=g, dtype=torch.float64)
-    up_aux = torch.randn(B, F, generator=g, dtype=torch.float64)
+    up_main = torch.randn(B, F, generator=g, dtype=torch.float64).to(TEST_DEVICE)
+    up_aux = torch.randn(B, F, generator=g, dtype=torch.float64).to(TEST_DEVICE)
 
     xs, Ws, bs = (t.clone().requires_grad_(True) for t in (x, W, b))
     values, indices, aux_v, aux_i = fused_topk_encode(xs, Ws, bs, K, dead, k_aux)
@@ -134,7 +136,7 @@ def test_backward_matches_dense_autograd(with_aux: bool, bias_shift: float) -> N
 def test_backward_only_aux_output_used() -> None:
     """An upstream gradient on the aux values alone (main values unused) still reaches x, W and b."""
     x, W, b = make_inputs(7)
-    dead = torch.zeros(F, dtype=torch.bool)
+    dead = torch.zeros(F, dtype=torch.bool, device=TEST_DEVICE)
     dead[::3] = True
     xs, Ws, bs = (t.clone().requires_grad_(True) for t in (x, W, b))
     _, _, aux_v, aux_i = fused_topk_encode(xs, Ws, bs, K, dead, 3)
@@ -147,10 +149,10 @@ def test_backward_only_aux_output_used() -> None:
 
 def test_gradcheck_fused_encoder() -> None:
     g = torch.Generator().manual_seed(8)
-    x = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    b = (torch.randn(9, generator=g, dtype=torch.float64) * 0.1).requires_grad_(True)
-    dead = torch.zeros(9, dtype=torch.bool)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64).to(TEST_DEVICE).requires_grad_()
+    W = torch.randn(9, 5, generator=g, dtype=torch.float64).to(TEST_DEVICE).requires_grad_()
+    b = (torch.randn(9, generator=g, dtype=torch.float64).to(TEST_DEVICE) * 0.1).requires_grad_(True)
+    dead = torch.zeros(9, dtype=torch.bool, device=TEST_DEVICE)
     dead[[1, 4, 6, 7]] = True
     # keep away from kinks: no pre-activation near 0 and no near-ties among the top values
     pre = (x @ W.T + b).detach()
@@ -176,10 +178,10 @@ def test_float32_matches_float64_reference() -> None:
 
 def test_sparse_decode_matches_dense_and_gradients() -> None:
     g = torch.Generator().manual_seed(10)
-    W_dec = torch.randn(F, D, generator=g, dtype=torch.float64)
-    values = torch.randn(B, K, generator=g, dtype=torch.float64)
+    W_dec = torch.randn(F, D, generator=g, dtype=torch.float64).to(TEST_DEVICE)
+    values = torch.randn(B, K, generator=g, dtype=torch.float64).to(TEST_DEVICE)
     indices = torch.stack([torch.randperm(F, generator=g)[:K] for _ in range(B)])
-    up = torch.randn(B, D, generator=g, dtype=torch.float64)
+    up = torch.randn(B, D, generator=g, dtype=torch.float64).to(TEST_DEVICE)
 
     vs, Wd = values.clone().requires_grad_(True), W_dec.clone().requires_grad_(True)
     out = sparse_decode(vs, indices, Wd)
@@ -191,7 +193,7 @@ def test_sparse_decode_matches_dense_and_gradients() -> None:
     (ref * up).sum().backward()
 
     # slow obvious loop for the forward value as a second reference
-    loop = torch.zeros(B, D, dtype=torch.float64)
+    loop = torch.zeros(B, D, dtype=torch.float64, device=TEST_DEVICE)
     for row in range(B):
         for j in range(K):
             loop[row] += values[row, j] * W_dec[indices[row, j]]
@@ -200,14 +202,14 @@ def test_sparse_decode_matches_dense_and_gradients() -> None:
     torch.testing.assert_close(vs.grad, vr.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(Wd.grad, Wr.grad, rtol=1e-12, atol=1e-12)
     # the decoder gradient touches only the selected rows
-    untouched = torch.ones(F, dtype=torch.bool)
+    untouched = torch.ones(F, dtype=torch.bool, device=TEST_DEVICE)
     untouched[indices.flatten()] = False
     assert float(Wd.grad[untouched].abs().max()) == 0.0
 
 
 def test_sparse_decode_gradcheck() -> None:
     g = torch.Generator().manual_seed(11)
-    W_dec = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    values = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
-    indices = torch.tensor([[0, 3], [6, 1], [3, 5]])
+    W_dec = torch.randn(7, 4, generator=g, dtype=torch.float64).to(TEST_DEVICE).requires_grad_()
+    values = torch.randn(3, 2, generator=g, dtype=torch.float64).to(TEST_DEVICE).requires_grad_()
+    indices = torch.tensor([[0, 3], [6, 1], [3, 5]], device=TEST_DEVICE)
     assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, indices, w), (values, W_dec))

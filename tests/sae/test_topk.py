@@ -315,6 +315,15 @@ class Interrupted(Exception):
     """Stands in for a kill or Ctrl-C in the middle of a run."""
 
 
+def assert_same(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Bit for bit on the CPU. On CUDA, scatter-adds use float atomics whose order varies between runs, so
+    equal up to summation order (the documented guarantee there)."""
+    if TEST_DEVICE.type == "cpu":
+        assert torch.equal(got, want), name
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
     sae = load_sae(folder / "site")
     return {name: t.clone() for name, t in sae.state_dict().items()}
@@ -327,8 +336,8 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
     a, b, c = (saved_tensors(tmp_path / name) for name in "abc")
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.equal(a[name], b[name]), name
-    assert not torch.equal(a["W_dec_FD"], c["W_dec_FD"]), "a different seed must give different weights"
+        assert_same(a[name], b[name], name)
+    assert not torch.allclose(a["W_dec_FD"], c["W_dec_FD"]), "a different seed must give different weights"
 
 
 @pytest.mark.parametrize(
@@ -359,7 +368,7 @@ def test_interrupted_run_resumes_exactly(tmp_path: Path, architecture: str) -> N
     if architecture == "batchtopk":
         assert "threshold" in got and float(got["threshold"]) > 0
     for name in want:
-        assert torch.equal(want[name], got[name]), name
+        assert_same(want[name], got[name], name)
     assert math.isclose(resumed["sites"]["site"]["fvu"], full["sites"]["site"]["fvu"], rel_tol=0, abs_tol=0)
     # a finished run returns its summary at once, without asking for data
     starts.clear()

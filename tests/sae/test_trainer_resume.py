@@ -80,8 +80,14 @@ def test_the_pre_activation_workspace_is_freed_after_training(tmp_path: Path) ->
 def test_a_run_of_interlayer_0_1_returns_its_metrics_or_refuses_to_resume(tmp_path: Path) -> None:
     """0.1 recorded format-1 SAE configs and no data seed; a finished run still returns its metrics, an
     unfinished one cannot resume to the same result (the data order changed) and says so."""
-    done = train_saes(tmp_path / "new", chunks_of(DATA, 512), CFGS, TRAIN, {})
+    source = {
+        "data": "corpus",
+        "plan": {"context_len": 128, "batch_size": 32, "batches_per_chunk": 8, "mix_chunks": 4},
+    }
+    source["data_seed"] = 0  # what a model source records today; 0.1 recorded neither this nor mix_chunks
+    done = train_saes(tmp_path / "new", chunks_of(DATA, 512), CFGS, TRAIN, source)
     settings = json.loads((tmp_path / "new" / RUN_FILE).read_text())
+    del settings["data_seed"], settings["plan"]["mix_chunks"]
     for cfg in settings["saes"].values():
         cfg["version"] = 1
     finished, unfinished = tmp_path / "finished", tmp_path / "unfinished"
@@ -89,15 +95,19 @@ def test_a_run_of_interlayer_0_1_returns_its_metrics_or_refuses_to_resume(tmp_pa
         folder.mkdir()
         (folder / RUN_FILE).write_text(json.dumps(settings))
     (finished / METRICS_FILE).write_text(json.dumps(done))
-    assert train_saes(finished, chunks_of(DATA, 512), CFGS, TRAIN, {}) == done
+    assert train_saes(finished, chunks_of(DATA, 512), CFGS, TRAIN, source) == done
     (unfinished / CHECKPOINT).mkdir()
     (unfinished / CHECKPOINT / CHECKPOINT_STATE).write_text(json.dumps({"chunk": 2, "step": 4, "sites": {}}))
     with pytest.raises(UserError, match="unfinished run started by interlayer 0.1"):
-        train_saes(unfinished, chunks_of(DATA, 512), CFGS, TRAIN, {})
+        train_saes(unfinished, chunks_of(DATA, 512), CFGS, TRAIN, source)
+    # today's command with another mixing window is another command, not the 0.1 one
+    other = {**source, "plan": {**source["plan"], "mix_chunks": 2}}
+    with pytest.raises(UserError, match="holds a run with other settings"):
+        train_saes(tmp_path / "new", chunks_of(DATA, 512), CFGS, TRAIN, other)
     settings["train"]["seed"] = 7  # another command entirely is still "other settings"
     (unfinished / RUN_FILE).write_text(json.dumps(settings))
     with pytest.raises(UserError, match="holds a run with other settings"):
-        train_saes(unfinished, chunks_of(DATA, 512), CFGS, TRAIN, {})
+        train_saes(unfinished, chunks_of(DATA, 512), CFGS, TRAIN, source)
 
 
 def test_data_parallel_refuses_batch_coupled_architectures(tmp_path: Path) -> None:
