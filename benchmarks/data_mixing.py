@@ -34,19 +34,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _cpu() -> str:
+    from peers import cpu_model  # benchmarks/ is on sys.path when a script here runs
+
+    return cpu_model()
+
+
 BEFORE_COMMIT = "3e2c267"
 DEMO = {"tokens": 196_608, "latents": 4096, "k": 32, "batch_size": 2048, "lr": 3e-3, "seed": 0}
 HELDOUT_SEED = 1234
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def heldout(sites: str, tokens: int, out: Path) -> None:
@@ -209,7 +207,7 @@ def main() -> None:
         "config": {**DEMO, "model": "minilm", "data": "stdlib:docs", "sites": args.sites, "context_len": 128,
                    "model_batch_size": 32, "batches_per_chunk": 4},
         "heldout": {"split": "validation", "document_seed": HELDOUT_SEED, "tokens": args.eval_tokens},
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "threads": args.threads,
                     "torch": torch.__version__, "python": platform.python_version()},
         "before_commit": BEFORE_COMMIT,
         "arms": results,

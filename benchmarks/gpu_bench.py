@@ -15,22 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import PeerResult, evaluate  # noqa: E402
+from peers import cpu_model  # noqa: E402
+from sae_train import train_ours  # noqa: E402
 
-from interlayer.activations import Chunk, ChunkPlan, model_chunks  # noqa: E402
+from interlayer.activations import ChunkPlan, model_chunks  # noqa: E402
 from interlayer.models import load_model  # noqa: E402
-from interlayer.sae import TrainConfig, load_sae, make_config  # noqa: E402
-from interlayer.sae.trainer import train_saes  # noqa: E402
 from interlayer.sites import resolve_sites  # noqa: E402
 
 SITE = "layers.3"
@@ -48,34 +43,6 @@ def activations(lm, split: str, tokens: int, device: torch.device) -> torch.Tens
             if total >= tokens:
                 break
     return torch.cat(parts)[:tokens].to(device)
-
-
-def train_ours(
-    architecture: str, train_ND: torch.Tensor, heldout_ND: torch.Tensor, latents: int, k: int, batch: int
-) -> PeerResult:
-    chunk_rows = 16 * batch
-
-    def chunks(start: int) -> Iterator[Chunk]:
-        for index in range(start, train_ND.shape[0] // chunk_rows + 1):
-            rows = train_ND[index * chunk_rows : (index + 1) * chunk_rows]
-            if rows.shape[0] >= batch:
-                yield Chunk(index, {SITE: rows})
-
-    tokens = (train_ND.shape[0] // batch) * batch
-    cfg = TrainConfig(tokens=tokens, batch_size=batch, checkpoint_seconds=1e9)
-    sae_cfg = make_config(architecture, d_in=train_ND.shape[1], latents=latents, k=k)
-    device = str(train_ND.device)
-    with tempfile.TemporaryDirectory() as out:
-        if train_ND.is_cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        train_saes(out, chunks, {SITE: sae_cfg}, cfg, {}, device=device)
-        if train_ND.is_cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        sae = load_sae(Path(out) / SITE, device=device)
-    fvu, l0 = evaluate(lambda x: sae.reconstruct(x), heldout_ND)
-    return PeerResult(f"interlayer {architecture}", "0.1.0", tokens, seconds, tokens / seconds, fvu, l0)
 
 
 def main() -> None:
@@ -109,11 +76,13 @@ def main() -> None:
         results.append(train_sparsify(train_ND, heldout_ND, *shape, None, 0, device=str(device)))
     except Exception as exc:  # a peer that cannot run must not hide our rows
         print(f"sparsify not run: {type(exc).__name__}: {exc}")
-    results += [train_ours(a, train_ND, heldout_ND, *shape) for a in ("topk", "batchtopk", "hierarchical")]
+    results += [
+        train_ours(train_ND, heldout_ND, *shape, 0, None, a) for a in ("topk", "batchtopk", "hierarchical")
+    ]
     base = results[0].tokens_per_s
     print(f"\nGPU SAE training: d = {train_ND.shape[1]}, F = {args.latents}, k = {args.k} (hierarchical: K = k), "
           f"batch {args.batch_size}, {results[0].tokens} tokens, {device} "
-          f"({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()})")  # fmt: skip
+          f"({torch.cuda.get_device_name() if device.type == 'cuda' else cpu_model()})")  # fmt: skip
     print(f"| run | tokens/s | vs {results[0].name} | held-out FVU | L0 | s |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:

@@ -19,12 +19,25 @@ per batch, and are scored on ``heldout_ND`` by the shared :func:`evaluate`. Thre
 from __future__ import annotations
 
 import math
+import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
 
 import torch
+
+
+def cpu_model() -> str:
+    """The processor's model name as /proc/cpuinfo gives it (``platform.processor()`` is often empty)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @dataclass

@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from peers import cpu_model  # benchmarks/ is on sys.path when a script here runs
 
 from interlayer.activations import ActivationCache, Chunk, ChunkPlan, cache_activations
 from interlayer.models import load_model
@@ -51,16 +52,6 @@ from interlayer.sae.trainer import TrainConfig, train_saes
 SITE = "layers.3"
 KS = (8, 16, 32, 64)
 MIX_CHUNKS = 4
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cached(lm, split: str, tokens: int, folder: Path) -> ActivationCache:

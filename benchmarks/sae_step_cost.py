@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from peers import cpu_model  # benchmarks/ is on sys.path when a script here runs
 
 D, F, B, K = 384, 16_384, 4096, 64
 CASES = {  # name -> (architecture, options)
@@ -126,7 +126,7 @@ def main() -> None:
     record = {
         "machine": {
             "device": args.device,
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,

@@ -29,8 +29,8 @@ from peers import PeerResult, dense_matmul_tokens_per_s, evaluate, train_sae_len
 
 from interlayer.activations import ActivationCache, Chunk, ChunkPlan, cache_activations  # noqa: E402
 from interlayer.models import load_model  # noqa: E402
+from interlayer.sae import make_config  # noqa: E402
 from interlayer.sae.io import load_sae  # noqa: E402
-from interlayer.sae.topk import TopKConfig  # noqa: E402
 from interlayer.sae.trainer import TrainConfig, train_saes  # noqa: E402
 
 SITE = "layers.3"
@@ -49,7 +49,10 @@ def train_ours(
     batch_size: int,
     seed: int,
     lr: float | None,
+    architecture: str = "topk",
 ) -> PeerResult:
+    """Train one ``architecture`` SAE on ``train_ND`` (on its device) through ``train_saes``; the clock stops
+    after a device synchronise on CUDA."""
     chunk_tokens = 16 * batch_size
 
     def chunks(start: int) -> Iterator[Chunk]:
@@ -60,13 +63,20 @@ def train_ours(
 
     tokens = (train_ND.shape[0] // batch_size) * batch_size
     cfg = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, checkpoint_seconds=1e9)
+    sae_cfg = make_config(architecture, d_in=train_ND.shape[1], latents=latents, k=k)
+    device = str(train_ND.device)
     with tempfile.TemporaryDirectory() as out:
+        if train_ND.is_cuda:
+            torch.cuda.synchronize()
         started = time.perf_counter()
-        train_saes(out, chunks, {SITE: TopKConfig(d_in=train_ND.shape[1], latents=latents, k=k)}, cfg, {})
+        train_saes(out, chunks, {SITE: sae_cfg}, cfg, {}, device=device)
+        if train_ND.is_cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        sae = load_sae(Path(out) / SITE)
-    fvu, l0 = evaluate(lambda x: (sae(x), sae.encode(x)), heldout_ND)
-    return PeerResult("interlayer", "0.1.0", tokens, seconds, tokens / seconds, fvu, l0)
+        sae = load_sae(Path(out) / SITE, device=device)
+    fvu, l0 = evaluate(lambda x: sae.reconstruct(x), heldout_ND)
+    name = "interlayer" if architecture == "topk" else f"interlayer {architecture}"
+    return PeerResult(name, "0.1.0", tokens, seconds, tokens / seconds, fvu, l0)
 
 
 def main() -> None:
