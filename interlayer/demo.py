@@ -3,6 +3,8 @@
 Each stage is a function ``(DemoContext) -> list[Section]``; adding a capability to the demo means writing one
 such function and appending it to :data:`STAGES`. The model is loaded once and shared.
 
+Stage "budgets": one HierarchicalTopK SAE on the last site against that site's TopK SAE, at k/4, k/2 and k.
+
 Stage "sae": capture every residual layer of MiniLM on ``stdlib:docs``, train a TopK SAE per layer from one
 forward pass per batch, evaluate on the validation split (pooled EV, L0, dead/dense latents, the pooled-output
 cosine with the SAE spliced in), sweep k at inference for an EV-vs-L0 plot, and show feature cards with each
@@ -34,7 +36,9 @@ from interlayer.report import (
     metrics_table,
     write_report,
 )
+from interlayer.sae.architectures import make_config
 from interlayer.sae.base import SparseAutoencoder
+from interlayer.sae.config import SAEConfig
 from interlayer.sae.evaluate import Evaluation, evaluate_saes, reconstruction_sweep
 from interlayer.sae.io import load_sae
 from interlayer.sae.topk import TopKConfig
@@ -86,18 +90,26 @@ class DemoContext:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def sae_stage(ctx: DemoContext) -> list[Section]:
-    cfg, lm = ctx.cfg, ctx.lm
-    plan = ChunkPlan(cfg.context_len, batch_size=32, batches_per_chunk=4)
-    source = model_source(lm, cfg.sites, cfg.data, plan, seed=cfg.seed)
+def _train(ctx: DemoContext, sites: str, template: SAEConfig, run_dir: Path) -> dict[str, SparseAutoencoder]:
+    """Train one SAE shaped like ``template`` per site of ``sites`` with the demo's settings; load them."""
+    cfg = ctx.cfg
+    source = model_source(ctx.lm, sites, cfg.data, _plan(cfg), seed=cfg.seed)
     train_cfg = TrainConfig(
         tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, checkpoint_seconds=60
     )
-    template = TopKConfig(d_in=source.width, latents=cfg.latents, k=cfg.k)
-    run_dir = cfg.out / "saes"
-    with progress_bar(f"training {len(source.sites)} SAEs", train_cfg.steps) as bar:
+    with progress_bar(f"training {len(source.sites)} {template.architecture} SAE(s)", train_cfg.steps) as bar:
         train_from_source(run_dir, source, template, train_cfg, on_step=lambda step, _s: bar.show(step))
-    saes = {site: load_sae(run_dir / site) for site in source.sites}
+    return {site: load_sae(run_dir / site) for site in source.sites}
+
+
+def _plan(cfg: DemoConfig) -> ChunkPlan:
+    return ChunkPlan(cfg.context_len, batch_size=32, batches_per_chunk=4)
+
+
+def sae_stage(ctx: DemoContext) -> list[Section]:
+    cfg, lm = ctx.cfg, ctx.lm
+    plan = _plan(cfg)
+    saes = _train(ctx, cfg.sites, TopKConfig(d_in=1, latents=cfg.latents, k=cfg.k), cfg.out / "saes")
     with progress_bar("evaluating", cfg.eval_tokens) as bar:
         evaluation = evaluate_saes(
             lm, saes, cfg.data, cfg.eval_tokens, cfg.context_len, 16, on_batch=bar.advance
@@ -167,8 +179,48 @@ def _cards(
     return cards
 
 
+def budgets_stage(ctx: DemoContext) -> list[Section]:
+    """One HierarchicalTopK SAE (K = k) on the last site, against that site's TopK SAE from the "sae" stage,
+    both evaluated at k/4, k/2 and k on one validation chunk."""
+    cfg, lm = ctx.cfg, ctx.lm
+    site = resolve_sites(lm.model, cfg.sites)[-1].name
+    hierarchical = _train(
+        ctx, site, make_config("hierarchical", d_in=1, latents=cfg.latents, k=cfg.k), cfg.out / "hierarchical"
+    )[site]
+    topk = load_sae(cfg.out / "saes" / site)
+    x_ND = next(
+        model_chunks(lm, resolve_sites(lm.model, site), cfg.data, _plan(cfg), split="validation")
+    ).acts[site]
+    ks = sorted({max(1, cfg.k // 4), max(1, cfg.k // 2), cfg.k})
+    with torch.no_grad():
+        series = {
+            f"HierarchicalTopK, one SAE (K = {cfg.k})": reconstruction_sweep(hierarchical, x_ND, ks),
+            f"TopK trained at k = {cfg.k}": reconstruction_sweep(topk, x_ND, ks),
+        }
+    ctx.summary["budgets"] = {
+        "site": site,
+        "ks": ks,
+        "hierarchical_ev": [ev for _, ev in series[f"HierarchicalTopK, one SAE (K = {cfg.k})"]],
+        "topk_ev": [ev for _, ev in series[f"TopK trained at k = {cfg.k}"]],
+    }
+    rows = [
+        {"k": k, "hierarchical EV": h, f"topk (k = {cfg.k}) EV": t}
+        for k, h, t in zip(
+            ks, ctx.summary["budgets"]["hierarchical_ev"], ctx.summary["budgets"]["topk_ev"], strict=True
+        )
+    ]
+    intro = (
+        f"<p>A HierarchicalTopK SAE is trained once for every budget k ≤ {cfg.k} (the loss averages the "
+        f"reconstruction of every prefix of its sorted latents); a TopK SAE is trained for k = {cfg.k} only. "
+        f"Both are evaluated keeping their top k latents on {x_ND.shape[0]:,} validation tokens of "
+        f"<code>{escape(site)}</code>, same width, tokens and settings.</p>"
+    )
+    plot = line_plot_svg(series, "L0 (active latents per token)", "explained variance (pooled)", log_x=True)
+    return [Section("One SAE for every sparsity budget", intro + metrics_table(rows, list(rows[0])) + plot)]
+
+
 Stage = Callable[[DemoContext], list[Section]]
-STAGES: list[tuple[str, Stage]] = [("sae", sae_stage)]
+STAGES: list[tuple[str, Stage]] = [("sae", sae_stage), ("budgets", budgets_stage)]
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

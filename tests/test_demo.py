@@ -120,7 +120,26 @@ def test_demo_trains_evaluates_and_reports(tmp_path: Path) -> None:
     assert reported["pooled_cosine_sae"] == pytest.approx(expected["pooled_cosine_sae"], abs=1e-5)
     assert expected["pooled_cosine_sae"] < 1 - 1e-6  # the splice changed the output
 
+    budgets = summary["budgets"]  # one HierarchicalTopK SAE on the last site, at k/4, k/2, k
+    assert budgets["site"] == "layers.5" and budgets["ks"] == [2, 4, 8]
+    assert budgets["hierarchical_ev"] == sorted(budgets["hierarchical_ev"])  # quality rises with the budget
+    hierarchical = load_sae(tmp_path / "hierarchical" / "layers.5")
+    assert hierarchical.cfg.architecture == "hierarchical" and hierarchical.cfg.k == 8
+    lm = load_model(cfg.model)
+    from interlayer.activations import ChunkPlan, model_chunks
+
+    plan = ChunkPlan(cfg.context_len, 32, 4)
+    site = resolve_sites(lm.model, "layers.5")
+    x = next(model_chunks(lm, site, cfg.data, plan, split="validation")).acts["layers.5"]
+    with torch.no_grad():
+        pre = (x - hierarchical.b_dec_D) @ hierarchical.W_enc_FD.T + hierarchical.b_enc_F
+        top = pre.relu().topk(4, dim=-1)
+        x_hat = (top.values[..., None] * hierarchical.W_dec_FD[top.indices]).sum(1) + hierarchical.b_dec_D
+    ev = 1 - float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert budgets["hierarchical_ev"][1] == pytest.approx(ev, abs=1e-4)
+
     html = (tmp_path / "report.html").read_text()
+    assert "One SAE for every sparsity budget" in html
     page = assert_self_contained(html)
     assert html.count('class="card"') == 2 * cfg.cards_per_site
     header, *rows = page.table
