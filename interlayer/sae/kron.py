@@ -95,14 +95,6 @@ def q_column(latent: torch.Tensor, cfg: KronConfig) -> torch.Tensor:
     return cfg.heads * cfg.m + (latent % cfg.n) * cfg.heads + latent.div(cfg.m * cfg.n, rounding_mode="floor")
 
 
-def mand_pairs(pre_BG: torch.Tensor, cfg: KronConfig) -> torch.Tensor:
-    """Every post-latent z [B, F] from ReLU'd pre-activations [B, h(m+n)] (the explicit dense reference)."""
-    B, split = pre_BG.shape[0], cfg.heads * cfg.m
-    p_BHM = pre_BG[:, :split].view(B, cfg.m, cfg.heads).transpose(1, 2)
-    q_BHN = pre_BG[:, split:].view(B, cfg.n, cfg.heads).transpose(1, 2)
-    return (p_BHM[..., :, None] * q_BHN[..., None, :]).sqrt().reshape(B, -1)
-
-
 class KronTopK(torch.autograd.Function):
     """(x_BD (already minus b_dec), W_enc_GD, b_enc_G, cfg, k, dead_F | None, k_aux)
     -> (values_BK, latent indices_BK, aux_values_BA, aux_indices_BA)."""

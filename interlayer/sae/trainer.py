@@ -5,9 +5,10 @@ Per step, for a batch x of B rows (scaled by c when normalising, so that E‖c·
 with S the architecture's reconstruction term (TopK: Σ‖x − x̂‖²; see each architecture's module), e = x − x̂
 (detached), ê the AuxK reconstruction from the top k_aux (= d/2) pre-activations (KronSAE: post-latents)
 among latents that have not fired for ``dead_tokens`` tokens (architectures without AuxK return none), x̄
-the batch mean, α = 1/32, and P the architecture's penalty summed over rows (JumpReLU's λ·L0; 0 for the others). The loop, the
-optimiser, checkpoints, dead-latent counters and distributed reductions live here; nothing in this module
-depends on the architecture (:class:`~interlayer.sae.base.TrainingOutput` carries the terms).
+the batch mean, α = 1/32, and P the architecture's penalty summed over rows (JumpReLU's λ·L0; 0 for the
+others). The loop, the optimiser, checkpoints, dead-latent counters and distributed reductions live here;
+nothing in this module depends on the architecture (:class:`~interlayer.sae.base.TrainingOutput` carries
+the terms).
 
 Adam with peak lr = 4e-3 · (F / 2^14)^(-1/4) unless given, constant, then linearly to 0 over the last 20% of
 the steps. This is measured, not the OpenAI rule 2e-4 / sqrt(F / 2^14), which trains far too slowly on
@@ -17,14 +18,14 @@ FVU 0.224 but left 6,147 latents dead, lr 5e-3 0.258 with 282 dead; F = 4,096, 1
 0.43, 3e-3 → 0.190 (93 dead), 5e-3 → 0.177 (792 dead), 1.1e-2 → 0.189 (2,807 dead). See BENCHMARKS.md.
 The decoder gradient is projected orthogonal to each unit row before the step, and rows are renormalised
 after it. b_dec starts at the mean of the first chunk (a random sample of the first mixing window of
-model chunks, see :mod:`interlayer.activations`); the architecture may initialise other parameters its own way.
+model chunks, see :mod:`interlayer.activations`); the architecture initialises its other parameters.
 
 Checkpoints are taken at chunk boundaries into ``checkpoint/``: one safetensors file per site (parameters,
 Adam moments, dead-latent counters), each written atomically under a name carrying the chunk index, then
 ``state.json`` (run state, and per site its file, input scale and running statistics) is written atomically:
-that write is the commit, so a crash at any moment leaves the previous checkpoint whole. Because chunk i (mixed across
-its window) and its shuffle depend only on (data, plan, seed, i), a resumed run takes exactly the steps the uninterrupted one
-would have. Under ``torchrun`` (:mod:`interlayer.distributed`) each rank writes the files of the sites it
+that write is the commit, so a crash at any moment leaves the previous checkpoint whole. Because chunk i
+(mixed across its window) and its shuffle depend only on (data, plan, seed, i), a resumed run takes exactly
+the steps the uninterrupted one would have. Under ``torchrun`` (:mod:`interlayer.distributed`) each rank writes the files of the sites it
 owns and reads back only those, and a checkpoint resumes under any number of processes.
 """
 

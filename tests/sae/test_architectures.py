@@ -15,7 +15,7 @@ from interlayer.errors import UserError
 from interlayer.sae import ARCHITECTURES, build_sae, hierarchical, load_sae, make_config, save_sae
 from interlayer.sae.hierarchical import prefix_loss
 from interlayer.sae.jumprelu import JumpReLUSAE
-from interlayer.sae.kron import KronConfig, KronSAE, kron_topk, mand_pairs
+from interlayer.sae.kron import KronConfig, KronSAE, kron_topk
 from interlayer.sae.matryoshka import MatryoshkaSAE
 from interlayer.sae.topk import TopKSAE
 
@@ -191,6 +191,14 @@ def test_matryoshka_prefix_validation() -> None:
 
 
 # ---- KronSAE ------------------------------------------------------------------------------------------
+def mand_pairs(pre_BG: torch.Tensor, cfg: KronConfig) -> torch.Tensor:
+    """Every post-latent z [B, F] from ReLU'd pre-activations [B, h(m+n)]: the slow, explicit reference."""
+    B, split = pre_BG.shape[0], cfg.heads * cfg.m
+    p_BHM = pre_BG[:, :split].view(B, cfg.m, cfg.heads).transpose(1, 2)
+    q_BHN = pre_BG[:, split:].view(B, cfg.n, cfg.heads).transpose(1, 2)
+    return (p_BHM[..., :, None] * q_BHN[..., None, :]).sqrt().reshape(B, -1)
+
+
 def test_factorised_post_latents_equal_every_explicit_pair() -> None:
     cfg = KronConfig(d_in=D, latents=3 * 2 * 5, k=4, m=2, n=5)
     pre = torch.rand(4, cfg.encoder_rows, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
