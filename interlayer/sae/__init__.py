@@ -17,6 +17,7 @@ from interlayer.sae.io import load_sae, save_sae
 from interlayer.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from interlayer.sae.kron import KronConfig, KronSAE
 from interlayer.sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
+from interlayer.sae.relu import ReLUConfig, ReLUSAE
 from interlayer.sae.topk import TopKConfig, TopKSAE
 from interlayer.sae.trainer import TrainConfig
 
@@ -32,6 +33,8 @@ __all__ = [
     "KronSAE",
     "MatryoshkaConfig",
     "MatryoshkaSAE",
+    "ReLUConfig",
+    "ReLUSAE",
     "SAEConfig",
     "SparseAutoencoder",
     "TopKConfig",

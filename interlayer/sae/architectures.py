@@ -16,6 +16,7 @@ from interlayer.sae.hierarchical import HierarchicalTopKSAE
 from interlayer.sae.jumprelu import JumpReLUSAE
 from interlayer.sae.kron import KronSAE
 from interlayer.sae.matryoshka import MatryoshkaSAE
+from interlayer.sae.relu import ReLUSAE
 from interlayer.sae.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
@@ -25,6 +26,7 @@ ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
     "matryoshka": MatryoshkaSAE,
     "kron": KronSAE,
     "jumprelu": JumpReLUSAE,
+    "relu": ReLUSAE,
 }
 
 

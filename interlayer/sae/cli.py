@@ -90,6 +90,9 @@ def sae_train(
     bandwidth: Annotated[
         float | None, typer.Option("--bandwidth", help="jumprelu: straight-through kernel width ε.")
     ] = None,
+    l1_coefficient: Annotated[
+        float | None, typer.Option("--l1-coefficient", help="relu: λ, the L1 price in units of FVU.")
+    ] = None,
     initial_threshold: Annotated[
         float | None, typer.Option("--initial-threshold", help="jumprelu: θ at initialisation.")
     ] = None,

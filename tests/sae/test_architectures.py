@@ -27,6 +27,7 @@ OPTIONS = {
     "matryoshka": {"k": 4, "prefixes": (6, 24, 48)},
     "kron": {"k": 4, "heads": 6, "m": 2, "n": 4},
     "jumprelu": {"l0_coefficient": 1e-3},
+    "relu": {"l1_coefficient": 1e-3},
 }
 
 
@@ -53,14 +54,22 @@ def rand(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_is_the_one_table() -> None:
-    assert list(ARCHITECTURES) == ["topk", "batchtopk", "hierarchical", "matryoshka", "kron", "jumprelu"]
+    assert list(ARCHITECTURES) == [
+        "topk",
+        "batchtopk",
+        "hierarchical",
+        "matryoshka",
+        "kron",
+        "jumprelu",
+        "relu",
+    ]
     for name, cls in ARCHITECTURES.items():
         assert cls.config_class(d_in=4, latents=16, **_small(name)).architecture == name
 
 
 def _small(name: str) -> dict:
     return {"topk": {"k": 2}, "batchtopk": {"k": 2}, "hierarchical": {"k": 2}, "matryoshka": {"k": 2},
-            "kron": {"k": 2, "m": 2, "n": 2}, "jumprelu": {}}[name]  # fmt: skip
+            "kron": {"k": 2, "m": 2, "n": 2}, "jumprelu": {}, "relu": {}}[name]  # fmt: skip
 
 
 # ---- every architecture --------------------------------------------------------------------------------

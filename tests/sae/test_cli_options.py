@@ -78,14 +78,14 @@ def test_every_architecture_option_reaches_the_config(
     monkeypatch.setattr(sae_cli, "architecture_config", stop)
     args = ["sae", "train", "--latents", "64", "--out", str(tmp_path), "--k", "3", "--prefixes", "8,64"]
     args += ["--heads", "4", "--m", "2", "--n", "8", "--l0-coefficient", "0.5", "--bandwidth", "0.25"]
-    args += ["--initial-threshold", "0.125"]
+    args += ["--initial-threshold", "0.125", "--l1-coefficient", "0.25"]
     with pytest.raises(SystemExit):
         monkeypatch.setattr(sys, "argv", ["interlayer", *args])
         from interlayer.cli import app
 
         app()
     assert seen == {"k": 3, "prefixes": (8, 64), "heads": 4, "m": 2, "n": 8, "l0_coefficient": 0.5,
-                    "bandwidth": 0.25, "initial_threshold": 0.125}  # fmt: skip
+                    "bandwidth": 0.25, "initial_threshold": 0.125, "l1_coefficient": 0.25}  # fmt: skip
 
 
 def test_base_config_fields_are_all_accounted_for() -> None:
@@ -109,7 +109,7 @@ def test_base_config_fields_are_all_accounted_for() -> None:
         ),
         (["--architecture", "jumprelu", "--k", "4"], "--k does not apply to a jumprelu SAE"),
         (["--architecture", "topk"], "--k is required for a topk SAE"),
-        (["--architecture", "relu", "--k", "4"], "unknown architecture 'relu'"),
+        (["--architecture", "gated", "--k", "4"], "unknown architecture 'gated'"),
         (
             ["--architecture", "kron", "--k", "4", "--m", "3", "--n", "5"],
             "latents 64 is not a multiple of m·n = 15",

@@ -235,6 +235,7 @@ PLANTED_OPTIONS = {
     "matryoshka": {"k": 4},
     "kron": {"k": 4, "m": 2, "n": 4},
     "jumprelu": {"l0_coefficient": 1e-2},  # one latent must buy 1% of FVU: about the 4 planted ones
+    "relu": {"l1_coefficient": 1e-2},  # L1 shrinks values: bigger λ costs FVU, so L0 stays loose,
 }
 
 
@@ -265,7 +266,10 @@ def test_planted_dictionary_is_recovered(tmp_path: Path, architecture: str) -> N
     fvu = float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     assert fvu < 0.1
     l0 = float((sae.encode(x) != 0).sum(1).float().mean())
-    assert 3 <= l0 <= 4  # the planted sparsity (BatchTopK, Matryoshka and JumpReLU: on average)
+    if architecture == "relu":  # an L1 penalty leaves small activations on: only a loose bound holds
+        assert 3 <= l0 <= 16
+    else:
+        assert 3 <= l0 <= 4  # the planted sparsity (BatchTopK, Matryoshka and JumpReLU: on average)
 
 
 def small_run(
