@@ -39,6 +39,12 @@ class SAEConfig:
     the scale folded into their weights, so they always read raw activations."""
     input_scale: float = 1.0
     """The factor c applied to inputs during training (already folded into saved weights)."""
+    source_format: str = ""
+    """Where the SAE came from when it was read from another library's files (``saelens``, ``sparsify``,
+    ``gemmascope``, ``dictionary_learning``); empty for SAEs trained here."""
+    source_site: str = ""
+    """The hook point as that library named it (e.g. ``blocks.3.hook_resid_post``); ``site`` holds the
+    interlayer site it maps to, or the same name when there is no mapping."""
     version: int = FORMAT_VERSION
     """Folder-format version."""
 

@@ -15,7 +15,8 @@ the rectangle kernel K(u) = 1[|u| < ½] and bandwidth ε:
 The paper uses ε = 0.001 on activations normalised to E‖x‖² = 1; here inputs are normalised to E‖x‖² = d
 (pre-activations are √d larger), and the default ε = 0.05, θ₀ = 0.01 follow SAELens' defaults for that
 normalisation. Decoder rows are kept at unit norm as for every SAE here. No AuxK (the L0 penalty alone
-decides which latents fire). Loaded JumpReLU SAEs (θ given) run inference the same way.
+decides which latents fire). Loaded JumpReLU SAEs (θ given) run inference the same way; a loaded θ may be 0
+(log θ = −∞: that latent is a plain ReLU), which SAEs read from other libraries need.
 """
 
 from __future__ import annotations
@@ -119,11 +120,11 @@ class JumpReLUSAE(DenseEncoderSAE):
     @torch.no_grad()
     def load_file_tensors_(self, tensors: dict[str, torch.Tensor]) -> None:
         super().load_file_tensors_(tensors)
-        if bool((tensors["threshold"] <= 0).any()):
-            bad = int((tensors["threshold"] <= 0).sum())
+        bad_F = ~(tensors["threshold"] >= 0)  # NaN counts as bad
+        if bool(bad_F.any()):
             raise UserError(
-                f"{bad} JumpReLU threshold(s) are ≤ 0, but θ must be positive (z = pre·1[pre > θ] with θ > 0); "
-                "the file is damaged or not a JumpReLU SAE"
+                f"{int(bad_F.sum())} JumpReLU threshold(s) are negative or NaN, but θ must be ≥ 0 "
+                "(z = pre·1[pre > θ]; θ = 0 is a ReLU); the file is damaged or not a JumpReLU SAE"
             )
         self.log_threshold_F.copy_(tensors["threshold"].log())
 

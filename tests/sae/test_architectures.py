@@ -360,10 +360,13 @@ def test_jumprelu_file_stores_the_threshold_itself(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(stored, str(tmp_path / "j" / "sae.safetensors"))
-    with pytest.raises(
-        UserError, match=r"sae.safetensors: 1 JumpReLU threshold\(s\) are ≤ 0, but θ must be positive"
-    ):
+    with pytest.raises(UserError, match=r"sae.safetensors: 1 JumpReLU threshold\(s\) are negative or NaN"):
         load_sae(tmp_path / "j")
+    stored["threshold"][0] = 0.0  # θ = 0 is a ReLU on that latent
+    save_file(stored, str(tmp_path / "j" / "sae.safetensors"))
+    x = rand(40, D, seed=4).float()
+    relu_at_0 = load_sae(tmp_path / "j", device=TEST_DEVICE)
+    torch.testing.assert_close(relu_at_0.encode(x)[:, 0], relu_at_0.pre_activations(x)[:, 0].relu())
 
 
 def test_l0_coefficient_only_for_jumprelu() -> None:

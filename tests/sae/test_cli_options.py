@@ -20,7 +20,9 @@ from interlayer.sae.config import SAEConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_cli import run_cli  # noqa: E402
 
-NOT_FLAGS = {"d_in", "architecture", "site", "model", "normalisation", "input_scale", "version"}
+NOT_FLAGS = {
+    "d_in", "architecture", "site", "model", "normalisation", "input_scale", "version", "source_format", "source_site"
+}  # fmt: skip
 """Config fields the run fills in (from the site, the model and the normalisation), not the user."""
 
 
