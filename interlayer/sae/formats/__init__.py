@@ -1,0 +1,73 @@
+"""Other libraries' SAE files: recognise a folder's format and read it as one of interlayer's SAE modules,
+and write interlayer SAEs in the formats other tools read.
+
+=====================  ===============================================  ============================
+format                 files                                            read as
+=====================  ===============================================  ============================
+interlayer             ``cfg.json`` (``latents``) + ``sae.safetensors``  itself
+SAELens                ``cfg.json`` + ``sae_weights.safetensors``        relu / topk / jumprelu / batchtopk
+sparsify               ``cfg.json`` (``num_latents``) + ``sae.safetensors``  topk
+Gemma Scope            ``params.npz``                                   jumprelu
+dictionary_learning    ``ae.pt`` (+ ``config.json``)                     relu / topk / batchtopk / jumprelu
+=====================  ===============================================  ============================
+
+A path may also be ``hf://owner/repo[@revision]/path`` (:mod:`interlayer.sae.formats.hub`). The returned
+module's ``sae(x)`` is the original library's reconstruction and ``sae.encode(x)`` its latent activations,
+to float tolerance, for any leading shape of x; ``sae.cfg.source_format`` / ``source_site`` record where it
+came from and the library's hook name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from interlayer.atomic import read_json
+from interlayer.errors import UserError
+from interlayer.sae.base import SparseAutoencoder
+from interlayer.sae.formats import dictionary_learning, gemmascope, hub, saelens, sparsify
+
+__all__ = ["EXPORTS", "FOREIGN", "detect_format", "hub", "read_foreign", "write_as"]
+
+FOREIGN = ("saelens", "sparsify", "gemmascope", "dictionary_learning")
+"""Formats read besides interlayer's own."""
+EXPORTS = ("saelens", "sparsify")
+"""Formats :func:`write_as` writes."""
+
+
+def detect_format(folder: Path) -> str | None:
+    """``interlayer``, one of :data:`FOREIGN`, or None when ``folder`` holds no SAE of any known format."""
+    if saelens.is_saelens(folder):
+        return "saelens"
+    if (folder / "cfg.json").is_file() and (folder / "sae.safetensors").is_file():
+        cfg = read_json(folder / "cfg.json", "SAE config")
+        if isinstance(cfg, dict) and sparsify.is_sparsify(folder, cfg):
+            return "sparsify"
+        return "interlayer"
+    if gemmascope.is_gemmascope(folder):
+        return "gemmascope"
+    if dictionary_learning.is_dictionary_learning(folder):
+        return "dictionary_learning"
+    return None
+
+
+def read_foreign(folder: Path, fmt: str, hub_path: str = "") -> SparseAutoencoder:
+    """Read the SAE of format ``fmt`` (one of :data:`FOREIGN`) in ``folder``."""
+    if fmt == "saelens":
+        return saelens.read_saelens(folder)
+    if fmt == "sparsify":
+        return sparsify.read_sparsify(folder)
+    if fmt == "gemmascope":
+        return gemmascope.read_gemmascope(folder, hub_path)
+    if fmt == "dictionary_learning":
+        return dictionary_learning.read_dictionary_learning(folder)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def write_as(sae: SparseAutoencoder, fmt: str, folder: Path) -> Path:
+    """Write ``sae`` into ``folder`` as format ``fmt`` (one of :data:`EXPORTS`); an SAE the format cannot
+    express is a :class:`UserError` saying why."""
+    if fmt == "saelens":
+        return saelens.write_saelens(sae, folder)
+    if fmt == "sparsify":
+        return sparsify.write_sparsify(sae, folder)
+    raise UserError(f"cannot export to {fmt!r}; choose one of {', '.join(EXPORTS)}")
