@@ -213,7 +213,14 @@ def recorded_data(sae: Path) -> str | None:
 
 @sae_app.command("eval")
 def sae_eval(
-    sae: Annotated[Path, typer.Option("--sae", help="An SAE folder, or a run folder holding one per site.")],
+    sae: Annotated[
+        str,
+        typer.Option(
+            "--sae",
+            help="An SAE folder (interlayer, SAELens, sparsify, Gemma Scope, dictionary_learning), a run "
+            "folder holding one per site, or hf://owner/repo/path.",
+        ),
+    ],
     model: Annotated[str | None, typer.Option("--model", help="Default: the model in cfg.json.")] = None,
     data: Annotated[
         str | None,
@@ -237,24 +244,15 @@ def sae_eval(
     from interlayer.activations import check_outlier_norm
     from interlayer.models import load_model, pick_device
     from interlayer.sae.evaluate import evaluate_at_budgets
-    from interlayer.sae.io import load_sae
+    from interlayer.sae.io import load_saes
 
     check_outlier_norm(outlier_norm)
-    folders = [sae] if (sae / "cfg.json").exists() else sorted(p.parent for p in sae.glob("*/cfg.json"))
-    if not folders:
-        raise UserError(f"no SAE found at {sae} (expected cfg.json there or in its subfolders)")
-    saes = {}
-    for folder in folders:
-        loaded = load_sae(folder, device=pick_device(device))
-        site = loaded.cfg.site or folder.name
-        if site in saes:
-            raise UserError(f"two SAEs for site {site} under {sae}; pass one SAE folder with --sae")
-        saes[site] = loaded
+    saes = load_saes(sae, device=pick_device(device))
     budgets: list[int | None] = list(_int_list(k_eval, "--k-eval") or ()) or [None]
     for k in budgets:
         for loaded in saes.values():
             loaded.check_k(k)
-    data = data or recorded_data(sae) or "stdlib:docs"
+    data = data or recorded_data(Path(sae)) or "stdlib:docs"
     model = model or next(iter(saes.values())).cfg.model
     if not model:
         raise UserError("the SAE's cfg.json names no model; pass --model")
@@ -285,3 +283,32 @@ def sae_eval(
     else:
         summary["by_k"] = by_k
     emit(summary, as_json)
+
+
+@sae_app.command("export")
+def sae_export(
+    src: Annotated[str, typer.Argument(help="An SAE folder or run folder (any format load_sae reads).")],
+    to: Annotated[str, typer.Option("--to", help="saelens or sparsify.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write (a run's SAEs go to one subfolder per hook point).")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Write SAEs in another library's format: SAELens folders (which SAEBench and Neuronpedia read) or
+    sparsify folders."""
+    from interlayer.sae.formats import EXPORTS, check_writable, write_as
+    from interlayer.sae.formats.hooks import saelens_hook
+    from interlayer.sae.io import load_saes
+
+    if to not in EXPORTS:
+        raise UserError(f"--to must be one of {', '.join(EXPORTS)}, got {to!r}")
+    saes = load_saes(src)
+    for loaded in saes.values():  # refuse before writing anything
+        check_writable(loaded, to)
+    written = {}
+    for site, loaded in saes.items():
+        folder = out if len(saes) == 1 else out / (saelens_hook(site) if to == "saelens" else site)
+        written[site] = str(write_as(loaded, to, folder))
+    if not as_json:
+        print_table(f"exported to {to}", [{"site": s, "folder": f} for s, f in written.items()])
+    emit({"to": to, "folders": written}, as_json)

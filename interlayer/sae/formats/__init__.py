@@ -26,7 +26,7 @@ from interlayer.errors import UserError
 from interlayer.sae.base import SparseAutoencoder
 from interlayer.sae.formats import dictionary_learning, gemmascope, hub, saelens, sparsify
 
-__all__ = ["EXPORTS", "FOREIGN", "detect_format", "hub", "read_foreign", "write_as"]
+__all__ = ["EXPORTS", "FOREIGN", "check_writable", "detect_format", "hub", "read_foreign", "write_as"]
 
 FOREIGN = ("saelens", "sparsify", "gemmascope", "dictionary_learning")
 """Formats read besides interlayer's own."""
@@ -63,11 +63,20 @@ def read_foreign(folder: Path, fmt: str, hub_path: str = "") -> SparseAutoencode
     raise ValueError(f"unknown format {fmt!r}")
 
 
+def check_writable(sae: SparseAutoencoder, fmt: str) -> None:
+    """A :class:`UserError` saying why, unless format ``fmt`` (one of :data:`EXPORTS`) can express ``sae``."""
+    if fmt == "saelens":
+        saelens.saelens_form(sae)
+    elif fmt == "sparsify":
+        sparsify.check_writable(sae)
+    else:
+        raise UserError(f"cannot export to {fmt!r}; choose one of {', '.join(EXPORTS)}")
+
+
 def write_as(sae: SparseAutoencoder, fmt: str, folder: Path) -> Path:
     """Write ``sae`` into ``folder`` as format ``fmt`` (one of :data:`EXPORTS`); an SAE the format cannot
-    express is a :class:`UserError` saying why."""
+    express is a :class:`UserError` saying why, and nothing is written."""
+    check_writable(sae, fmt)
     if fmt == "saelens":
         return saelens.write_saelens(sae, folder)
-    if fmt == "sparsify":
-        return sparsify.write_sparsify(sae, folder)
-    raise UserError(f"cannot export to {fmt!r}; choose one of {', '.join(EXPORTS)}")
+    return sparsify.write_sparsify(sae, folder)

@@ -125,7 +125,7 @@ def read_saelens(folder: Path) -> SparseAutoencoder:
 
 def write_saelens(sae: SparseAutoencoder, folder: Path) -> Path:
     """Write ``sae`` as a SAELens 6 folder (weights first, then the config; both atomic)."""
-    architecture, extra, threshold_F = _saelens_form(sae)
+    architecture, extra, threshold_F = saelens_form(sae)
     cfg = sae.cfg
     tensors = {
         "W_enc": sae.encoder_weight().detach().T,
@@ -161,7 +161,7 @@ def write_saelens(sae: SparseAutoencoder, folder: Path) -> Path:
     return folder
 
 
-def _saelens_form(sae: SparseAutoencoder) -> tuple[str, dict[str, Any], torch.Tensor | None]:
+def saelens_form(sae: SparseAutoencoder) -> tuple[str, dict[str, Any], torch.Tensor | None]:
     """(SAELens architecture, its extra config keys, threshold [F] or None) computing the same codes as ``sae``."""
     arch, F = sae.cfg.architecture, sae.cfg.latents
     if arch == "relu":

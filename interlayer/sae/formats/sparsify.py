@@ -72,14 +72,19 @@ def read_sparsify(folder: Path) -> SparseAutoencoder:
     )
 
 
+def check_writable(sae: SparseAutoencoder) -> None:
+    """A :class:`UserError` unless ``sae`` is TopK or HierarchicalTopK (sparsify's coders are TopK)."""
+    if sae.cfg.architecture not in ("topk", "hierarchical"):
+        raise UserError(
+            f"a {sae.cfg.architecture} SAE cannot be written as a sparsify SAE: sparsify's sparse coders are "
+            "TopK (export it --to saelens instead)"
+        )
+
+
 def write_sparsify(sae: SparseAutoencoder, folder: Path) -> Path:
     """Write ``sae`` (TopK, or HierarchicalTopK at its K) as a sparsify folder (weights first; both atomic)."""
+    check_writable(sae)
     cfg = sae.cfg
-    if cfg.architecture not in ("topk", "hierarchical"):
-        raise UserError(
-            f"a {cfg.architecture} SAE cannot be written as a sparsify SAE: sparsify's sparse coders are TopK "
-            "(export it --to saelens instead)"
-        )
     k = int(cfg.k)  # type: ignore[attr-defined]
     write_tensors(
         folder / WEIGHTS_FILE,
