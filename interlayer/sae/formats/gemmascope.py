@@ -80,7 +80,7 @@ def read_gemmascope(folder: Path, hub_path: str = "") -> SparseAutoencoder:
 def _site_from_path(path: str) -> tuple[str, str]:
     """(site, the path's hook description) from a Gemma Scope path such as ``…-pt-res/layer_20/…``."""
     layer = re.search(r"/layer_(\d+)(?:/|$)", path)
-    kind = re.search(r"gemma-scope-[^/]*-(res|mlp|att)(?:-canonical)?(?:/|$)", path)
+    kind = re.search(r"gemma-scope-[^/@]*-(res|mlp|att)(?:-canonical)?(?:@[^/]*)?(?:/|$)", path)
     if layer is None or kind is None:
         return "", ""
     hook = f"{kind.group(1)} layer {layer.group(1)}"
