@@ -8,7 +8,7 @@ STAMP := $(VENV)/.interlayer-installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,test]' torch==2.13.0
 	touch $(STAMP)
 
 .PHONY: demo test lint bench
@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,test,bench]' torch==2.13.0
 	$(PY) benchmarks/sae_train.py
 	$(PY) benchmarks/capture_overhead.py
 	$(PY) benchmarks/zoo.py
