@@ -11,7 +11,10 @@ class (without a config, the state dict's keys decide). The classes, as their ``
 with E = ``encoder.weight`` [F, d], e = ``encoder.bias``, D = ``decoder.weight`` [d, F] (so W_dec = Dᵀ),
 ``W_enc`` [d, F], ``W_dec`` [F, d]. JumpReluAutoEncoder does not subtract b_dec (b_enc ← b_enc + W_enc b_dec
 here) and θ < 0 acts as 0 under its ReLU. Matryoshka's ``group_sizes`` become the prefixes (their cumulative
-sums). ``GatedAutoEncoder`` and other classes are refused.
+sums). An ``AutoEncoder`` whose decoder columns are not unit norm (trained with the April-update loss) is
+normalised as its ``from_pretrained`` does: D's column f divided by its norm n_f, E's row f and e_f
+multiplied by it, so x̂ is unchanged and the codes are the ones dictionary_learning reports.
+``GatedAutoEncoder`` and other classes are refused.
 """
 
 from __future__ import annotations
@@ -110,7 +113,14 @@ def read_dictionary_learning(folder: Path) -> SparseAutoencoder:
         "source_format": "dictionary_learning",
         "source_site": hook,
     }
-    if dict_class == "AutoEncoder":
+    if dict_class == "AutoEncoder":  # as from_pretrained loads it: unit decoder rows, same reconstruction
+        norms_F = tensors["W_dec"].norm(dim=1)
+        if not torch.allclose(norms_F, torch.ones_like(norms_F)):
+            tensors["W_dec"] = tensors["W_dec"] / norms_F[:, None]
+            tensors["W_enc"], tensors["b_enc"] = (
+                tensors["W_enc"] * norms_F[:, None],
+                tensors["b_enc"] * norms_F,
+            )
         return assemble("relu", tensors, **fields)
     if dict_class == "JumpReluAutoEncoder":
         tensors["b_enc"] = b_enc_without_input_bias(tensors["W_enc"], tensors["b_enc"], tensors["b_dec"])

@@ -13,9 +13,12 @@ Matryoshka *training* SAE (architecture ``batchtopk`` / ``matryoshka_batchtopk``
 Exact rewrites into interlayer's convention (pre = W_enc (x − b_dec) + b_enc): a = 0 gives b_enc + W_enc b_dec;
 ``rescale_acts_by_decoder_norm`` (TopK on pre·‖W_dec_f‖, decoded with W_dec_f / ‖W_dec_f‖) multiplies encoder
 row f and b_enc_f by ‖W_dec_f‖ and divides decoder row f by it; an old ``scaling_factor`` s (z·s decoded)
-multiplies decoder row f by s_f. ``normalize_activations``: ``none`` and ``expected_average_only_in`` (which
-SAELens applies only when it knows the release's factor, never for a folder) read as they are; the
-input-dependent ``constant_norm_rescale``, ``layer_norm`` and ``covariance_whitening`` are refused. Configs
+multiplies decoder row f by s_f. ``normalize_activations``: ``none`` reads as it is; ``expected_average_only_in``
+with the factor s its trainer stored (``activation_scaler.json``, written beside mid-training checkpoints)
+is folded in as SAELens's ``fit()`` folds it when training ends (W_enc·s, W_dec/s, b_dec/s: the SAE computes
+decode(encode(s·x))/s, what it was trained to do), where ``SAE.load_from_disk`` would ignore the file; without
+a stored factor it reads as it is, as SAELens does. The input-dependent ``constant_norm_rescale``,
+``layer_norm`` and ``covariance_whitening`` are refused. Configs
 written before SAELens 6 (``hook_point``, ``activation_fn_str``, ``activation_fn_kwargs.k``) are read too.
 
 Written folders use SAELens 6's layout with ``apply_b_dec_to_input = true`` and no normalisation; SAEBench and
@@ -38,6 +41,7 @@ from interlayer.sae.formats.hooks import saelens_hook, site_from_saelens
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+SCALER_FILE = "activation_scaler.json"
 READS = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
 """SAELens architectures this module reads."""
 SAME_AT_INFERENCE = ("none", "expected_average_only_in")
@@ -103,6 +107,9 @@ def read_saelens(folder: Path) -> SparseAutoencoder:
             b_enc_F * norms_F,
             W_dec_FD / norms_F[:, None],
         )
+    scale = _stored_scaling_factor(folder) if norm == "expected_average_only_in" else None
+    if scale is not None:  # what SAELens's fit() folds in at the end: encode(s·x), decode / s
+        W_enc_FD, W_dec_FD, b_dec_D = W_enc_FD * scale, W_dec_FD / scale, b_dec_D / scale
     tensors = {"W_enc": W_enc_FD, "b_enc": b_enc_F, "W_dec": W_dec_FD, "b_dec": b_dec_D}
     fields: dict[str, Any] = {
         "d_in": d,
@@ -121,6 +128,19 @@ def read_saelens(folder: Path) -> SparseAutoencoder:
         return assemble("jumprelu", tensors, **fields)
     tensors["threshold"] = take(raw, "topk_threshold", (), weights_file)
     return assemble("batchtopk", tensors, k=config_int(cfg, "k", cfg_file), **fields)
+
+
+def _stored_scaling_factor(folder: Path) -> float | None:
+    """s from a training checkpoint's ``activation_scaler.json`` (None when the folder has none)."""
+    file = folder / SCALER_FILE
+    if not file.is_file():
+        return None
+    value = read_json(file, "SAELens activation scaler").get("scaling_factor")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UserError(f"{file}: scaling_factor must be a positive number, got {value!r}")
+    return float(value)
 
 
 def write_saelens(sae: SparseAutoencoder, folder: Path) -> Path:
