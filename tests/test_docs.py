@@ -179,7 +179,31 @@ def _saes_use(_patch: pytest.MonkeyPatch, _tmp: Path, _tiny: dict[str, Path]) ->
     return {}, check
 
 
+def _formats_use(
+    _patch: pytest.MonkeyPatch, tmp: Path, _tiny: dict[str, Path]
+) -> tuple[dict[str, Any], Check]:
+    """docs/sae-formats.md loads a SAELens folder and a Gemma Scope file (the peers' own fixtures, copied where
+    the snippet names them): the codes and reconstruction must be SAELens's standard formula on those files."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    peers = ROOT / "tests" / "fixtures" / "peers"
+    shutil.copytree(peers / "saelens_standard", tmp / "saelens-sae")
+    shutil.copytree(peers / "gemmascope", tmp / "gemma-scope")
+
+    def check(ns: dict[str, Any]) -> None:
+        w = load_file(str(tmp / "saelens-sae" / "sae_weights.safetensors"))
+        z = ((ns["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()
+        torch.testing.assert_close(ns["z"], z, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ns["x_hat"], z @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
+        assert ns["sae"].cfg.site == "layers.2" and ns["scope"].cfg.architecture == "jumprelu"
+
+    return {}, check
+
+
 SETUPS: dict[str, Setup] = {
+    "docs/sae-formats.md": _formats_use,
     "docs/saes.md": _saes_use,
     "README.md": _readme_use,
     "docs/models-sites-activations.md": _sites_fragment,
