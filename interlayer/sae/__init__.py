@@ -11,6 +11,7 @@ folder format.
 from interlayer.sae.architectures import ARCHITECTURES, build_sae, make_config
 from interlayer.sae.base import SparseAutoencoder
 from interlayer.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from interlayer.sae.boosted import BoostedConfig, BoostedSAE, boost_config, stack_boosted
 from interlayer.sae.config import SAEConfig
 from interlayer.sae.hierarchical import HierarchicalConfig, HierarchicalTopKSAE
 from interlayer.sae.io import load_sae, save_sae
@@ -25,6 +26,8 @@ __all__ = [
     "ARCHITECTURES",
     "BatchTopKConfig",
     "BatchTopKSAE",
+    "BoostedConfig",
+    "BoostedSAE",
     "HierarchicalConfig",
     "HierarchicalTopKSAE",
     "JumpReLUConfig",
@@ -40,8 +43,10 @@ __all__ = [
     "TopKConfig",
     "TopKSAE",
     "TrainConfig",
+    "boost_config",
     "build_sae",
     "load_sae",
     "make_config",
     "save_sae",
+    "stack_boosted",
 ]

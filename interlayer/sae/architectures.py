@@ -11,6 +11,7 @@ from typing import Any
 from interlayer.errors import UserError
 from interlayer.sae.base import SparseAutoencoder
 from interlayer.sae.batchtopk import BatchTopKSAE
+from interlayer.sae.boosted import BoostedSAE
 from interlayer.sae.config import FORMAT_VERSION, SAEConfig
 from interlayer.sae.hierarchical import HierarchicalTopKSAE
 from interlayer.sae.jumprelu import JumpReLUSAE
@@ -27,6 +28,7 @@ ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
     "kron": KronSAE,
     "jumprelu": JumpReLUSAE,
     "relu": ReLUSAE,
+    "boosted": BoostedSAE,
 }
 
 
@@ -72,9 +74,10 @@ def config_from_json(data: dict[str, Any], source: str = "cfg.json") -> SAEConfi
     if missing:
         raise UserError(f"{source} lacks the field(s) {', '.join(sorted(missing))}")
     values = {key: value for key, value in data.items() if key in known}
+    for name, value in values.items():  # JSON has lists where the config holds tuples (to_json wrote them)
+        if isinstance(value, list) and str(known[name].type).startswith("tuple"):
+            values[name] = tuple(value)
     try:
-        if "prefixes" in values:
-            values["prefixes"] = tuple(values["prefixes"])
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise UserError(f"{source}: a field has the wrong type ({exc})") from None

@@ -62,9 +62,19 @@ class SparseAutoencoder(nn.Module):
     file_names: ClassVar[dict[str, str]] = {"W_dec": "W_dec_FD", "b_dec": "b_dec_D"}
     """Tensor name in ``sae.safetensors`` → attribute; architectures extend it."""
 
+    W_dec_FD: torch.Tensor
+    """The dictionary [F, d], one row per latent (a parameter; a boosted SAE's is stitched from its parts)."""
+    b_dec_D: torch.Tensor
+    """The decoder bias [d]."""
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self._make_decoder(cfg)
+
+    def _make_decoder(self, cfg: SAEConfig) -> None:
+        """Create the decoder parameters ``W_dec_FD`` [F, d] and ``b_dec_D`` [d]; an architecture whose
+        dictionary is assembled from other modules (:mod:`interlayer.sae.boosted`) overrides it."""
         self.W_dec_FD = nn.Parameter(torch.empty(cfg.latents, cfg.d_in))
         self.b_dec_D = nn.Parameter(torch.zeros(cfg.d_in))
 
@@ -136,7 +146,7 @@ class SparseAutoencoder(nn.Module):
                 f"the SAE's {what} has width {width} but the input's last dimension is {x.shape[-1]} "
                 f"(shape {tuple(x.shape)})"
             )
-        return x.reshape(-1, width).to(self.W_dec_FD.dtype)
+        return x.reshape(-1, width).to(self.b_dec_D.dtype)
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """Codes z [..., F] of activations x [..., d] (``k``: keep the top k per token, where supported)."""

@@ -36,10 +36,13 @@ from interlayer.sae.trainer import TrainConfig
 sae_app = typer.Typer(help="Sparse autoencoders: train and evaluate.", no_args_is_help=True)
 
 T = TrainConfig  # defaults below are read from the dataclass, never restated
+OWN_COMMANDS = {"boosted": "interlayer sae boost"}
+"""Architectures that ``sae train`` does not train, and the command that does."""
 ARCHITECTURE_OPTIONS = sorted(
-    {name for arch in ARCHITECTURES for name in config_fields(arch)} - {f.name for f in fields(SAEConfig)}
+    {name for arch in ARCHITECTURES if arch not in OWN_COMMANDS for name in config_fields(arch)}
+    - {f.name for f in fields(SAEConfig)}
 )
-"""Config fields of some architecture that the user sets (each has a flag of the same name)."""
+"""Config fields of some architecture that the user sets with ``sae train`` (each has a flag of the same name)."""
 
 
 def architecture_config(architecture: str, latents: int, options: dict[str, Any]) -> SAEConfig:
@@ -76,7 +79,10 @@ def sae_train(
         typer.Option("--k", help="Active latents per token (HierarchicalTopK: the largest budget K)."),
     ] = None,
     architecture: Annotated[
-        str, typer.Option("--architecture", help=f"One of {', '.join(ARCHITECTURES)}.")
+        str,
+        typer.Option(
+            "--architecture", help=f"One of {', '.join(a for a in ARCHITECTURES if a not in OWN_COMMANDS)}."
+        ),
     ] = "topk",
     prefixes: Annotated[
         str | None, typer.Option("--prefixes", help="matryoshka: increasing widths ending at --latents.")
@@ -151,6 +157,10 @@ def sae_train(
 ) -> None:
     """Train one SAE per site from one model forward (or from an activation cache)."""
     given = dict(locals())  # the options, read by config field name below (so no option is dropped)
+    if architecture in OWN_COMMANDS:
+        raise UserError(
+            f"a {architecture} SAE is not trained with `sae train`: use `{OWN_COMMANDS[architecture]}`"
+        )
     from interlayer.distributed import process_group, rank_device
     from interlayer.sae.training_run import train_from_source
     from interlayer.sources import activation_source
@@ -312,3 +322,132 @@ def sae_export(
     if not as_json:
         print_table(f"exported to {to}", [{"site": s, "folder": f} for s, f in written.items()])
     emit({"to": to, "folders": written}, as_json)
+
+
+@sae_app.command("boost")
+def sae_boost(
+    base: Annotated[
+        str,
+        typer.Option(
+            "--base", help="The base SAE: any SAE load_sae reads (a boosted one stacks a residual)."
+        ),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="The domain's text: local file/folder, HF dataset id, stdlib:docs or stdlib:code."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Run folder: <out>/<site>/ holds the boosted SAE (rerun to resume).")
+    ],
+    latents: Annotated[int, typer.Option("--latents", help="Residual dictionary size.")] = 1024,
+    k: Annotated[int, typer.Option("--k", help="Residual active latents per token.")] = 5,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Default: the model in the base's cfg.json.")
+    ] = None,
+    site: Annotated[str | None, typer.Option("--site", help="Default: the base's site.")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="Training tokens.")] = T.tokens,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Tokens per optimiser step.")
+    ] = T.batch_size,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Peak Adam lr; default 4e-3·(F/2^14)^(-1/4), F = --latents.")
+    ] = T.lr,
+    lr_decay_fraction: Annotated[
+        float, typer.Option("--lr-decay-fraction", help="Final fraction of steps over which lr decays to 0.")
+    ] = T.lr_decay_fraction,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds initialisation and data order.")] = T.seed,
+    aux_alpha: Annotated[float, typer.Option("--aux-alpha", help="Weight of the AuxK loss.")] = T.aux_alpha,
+    k_aux: Annotated[
+        int | None, typer.Option("--k-aux", help="Dead latents AuxK uses per token; default d/2.")
+    ] = T.k_aux,
+    dead_tokens: Annotated[
+        int,
+        typer.Option("--dead-tokens", help="Tokens without firing before AuxK treats a latent as inactive."),
+    ] = T.dead_tokens,
+    normalise: Annotated[
+        bool, typer.Option("--normalise/--no-normalise", help="Scale inputs to E‖x‖² = d in training.")
+    ] = T.normalise,
+    checkpoint_seconds: Annotated[
+        float, typer.Option("--checkpoint-seconds", help="Min seconds between checkpoints.")
+    ] = T.checkpoint_seconds,
+    outlier_norm: OutlierOpt = T.outlier_norm,
+    context_len: ContextOpt = ChunkPlan.context_len,
+    model_batch_size: ModelBatchOpt = ChunkPlan.batch_size,
+    chunk_batches: ChunkOpt = ChunkPlan.batches_per_chunk,
+    mix_chunks: MixOpt = ChunkPlan.mix_chunks,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    as_json: JsonOpt = False,
+) -> None:
+    """SAE Boost: train a residual SAE on the base SAE's error on a domain; saves base + residual as one SAE."""
+    given = dict(locals())
+    from interlayer.sae.boosted import boost_config
+    from interlayer.sae.io import load_sae
+    from interlayer.sae.training_run import train_from_source
+    from interlayer.sources import activation_source
+
+    train_cfg = TrainConfig(**{f.name: given[f.name] for f in fields(TrainConfig)})
+    base_sae = load_sae(base)
+    base_site = base_sae.cfg.site
+    if site is not None and base_site and site != base_site:
+        raise UserError(
+            f"the base SAE was trained on site {base_site}, not {site}: a residual reads its base's site "
+            "(leave out --site)"
+        )
+    site = site or base_site
+    if not site:
+        raise UserError("the base SAE names no site; pass --site")
+    model = model or base_sae.cfg.model
+    if not model:
+        raise UserError("the base SAE names no model; pass --model")
+    template = boost_config(base_sae, base, latents, k, data)
+    plan = ChunkPlan(context_len, model_batch_size, chunk_batches, mix_chunks)
+    source = activation_source(
+        model=model, sites=site, data=data, plan=plan, device=device, dtype=dtype, seed=seed
+    )
+    if len(source.sites) != 1:
+        raise UserError(f"--site must name one site, but {site!r} matches {len(source.sites)}")
+    if source.width != template.d_in:
+        raise UserError(
+            f"a residual for a base of another width: the base SAE reads width {template.d_in} but site "
+            f"{source.sites[0]} of {model} has width {source.width}; pass the base's model with --model"
+        )
+    with progress_bar("training a residual SAE", train_cfg.steps) as bar:
+        metrics = train_from_source(
+            out,
+            source,
+            template,
+            train_cfg,
+            device=device,
+            on_step=lambda step, s: bar.show(step, _status(s)),
+        )
+    if not as_json:
+        rows = [{"site": s, **values} for s, values in metrics["sites"].items()]
+        print_table(f"boosted SAE in {out}", rows)
+    emit({"out": str(out), **metrics}, as_json)
+
+
+@sae_app.command("stack")
+def sae_stack(
+    first: Annotated[str, typer.Argument(help="A boosted SAE (any folder load_sae reads).")],
+    second: Annotated[str, typer.Argument(help="A boosted SAE over the identical base.")],
+    out: Annotated[Path, typer.Option("--out", help="SAE folder: the base with both SAEs' residuals.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Sum domain residuals: one boosted SAE with the first's residuals, then the second's, over their base."""
+    from interlayer.sae.boosted import stack_boosted
+    from interlayer.sae.io import load_sae, save_sae
+
+    stacked = stack_boosted(load_sae(first), load_sae(second))
+    save_sae(stacked, out)
+    summary = {
+        "out": str(out),
+        "latents": stacked.cfg.latents,
+        "residual_latents": list(stacked.cfg.residual_latents),
+        "residual_data": list(stacked.cfg.residual_data),
+    }
+    if not as_json:
+        print_table(f"stacked boosted SAE in {out}", [summary])
+    emit(summary, as_json)

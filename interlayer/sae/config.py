@@ -64,6 +64,12 @@ class SAEConfig:
         """The largest k that :meth:`SparseAutoencoder.encode` accepts, or None for an architecture with no k."""
         return None
 
+    @property
+    def trained_latents(self) -> int:
+        """How many latents training updates, which sets the default learning rate: all of them, except for a
+        boosted SAE, which trains only its newest residual."""
+        return self.latents
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         for name, value in data.items():

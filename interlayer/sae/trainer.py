@@ -68,7 +68,8 @@ class TrainConfig:
     batch_size: int = 4096
     """Tokens per optimiser step."""
     lr: float | None = None
-    """Peak Adam learning rate; None means 4e-3 · (latents / 2^14)^(-1/4) (see the module docstring)."""
+    """Peak Adam learning rate; None means 4e-3 · (F / 2^14)^(-1/4) (see the module docstring), F the latents
+    being trained (``SAEConfig.trained_latents``: a boosted SAE's newest residual)."""
     lr_decay_fraction: float = 0.2
     """The learning rate decays linearly to 0 over this final fraction of the steps."""
     seed: int = 0
@@ -125,7 +126,7 @@ class SiteTrainer:
             replace(sae_cfg, normalisation=normalisation, input_scale=input_scale)
         ).to(device)
         self.optimizer = torch.optim.Adam(
-            self.sae.parameters(), lr=train_cfg.lr_for(sae_cfg.latents), fused=True
+            self.sae.parameters(), lr=train_cfg.lr_for(sae_cfg.trained_latents), fused=True
         )
         self.since_fired_F = torch.zeros(sae_cfg.latents, dtype=torch.long, device=device)
         self.k_aux = train_cfg.k_aux if train_cfg.k_aux is not None else sae_cfg.d_in // 2
@@ -326,7 +327,9 @@ def train_saes(
                 for site, trainer in trainers.items():
                     mask_N = inliers.get(site)
                     keep_R = mine_R if mask_N is None else mine_R[mask_N[mine_R]]
-                    lr = train_cfg.lr_for(trainer.sae.cfg.latents) * train_cfg.lr_factor(state["step"])
+                    lr = train_cfg.lr_for(trainer.sae.cfg.trained_latents) * train_cfg.lr_factor(
+                        state["step"]
+                    )
                     stats = trainer.step(chunk.acts[site][keep_R].to(dev), lr, shards)
                     if stats is not None:
                         summaries[site].update(stats)

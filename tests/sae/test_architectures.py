@@ -62,6 +62,7 @@ def test_registry_is_the_one_table() -> None:
         "kron",
         "jumprelu",
         "relu",
+        "boosted",
     ]
     for name, cls in ARCHITECTURES.items():
         assert cls.config_class(d_in=4, latents=16, **_small(name)).architecture == name
@@ -69,7 +70,9 @@ def test_registry_is_the_one_table() -> None:
 
 def _small(name: str) -> dict:
     return {"topk": {"k": 2}, "batchtopk": {"k": 2}, "hierarchical": {"k": 2}, "matryoshka": {"k": 2},
-            "kron": {"k": 2, "m": 2, "n": 2}, "jumprelu": {}, "relu": {}}[name]  # fmt: skip
+            "kron": {"k": 2, "m": 2, "n": 2}, "jumprelu": {}, "relu": {},
+            "boosted": {"base": {"d_in": 4, "latents": 8, "k": 2}, "residual_latents": (8,), "residual_k": (2,),
+                        "residual_data": ("d",)}}[name]  # fmt: skip
 
 
 # ---- every architecture --------------------------------------------------------------------------------
