@@ -63,7 +63,7 @@ def load_saes(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
     if folder.is_file():  # params.npz or ae.pt named directly
         folder = folder.parent
     if not folder.is_dir():
-        raise UserError(f"no SAE at {path}: no such folder")
+        raise UserError(f"no SAE at {path}: folder not found")
     fmt = formats.detect_format(folder)
     if fmt is not None:
         sae = _load_own(folder) if fmt == "interlayer" else formats.read_foreign(folder, fmt, hub_path)

@@ -121,8 +121,8 @@ def test_config_validation() -> None:
     with pytest.raises(UserError, match="k"):
         TopKConfig(d_in=4, latents=8, k=9)
     TopKConfig(d_in=4, latents=8, k=8)  # k == latents is allowed
-    with pytest.raises(UserError, match="architecture"):
-        make_config("relu", d_in=4, latents=8, k=2)
+    with pytest.raises(UserError, match="unknown architecture 'gated'"):
+        make_config("gated", d_in=4, latents=8, k=2)
     with pytest.raises(UserError, match="d_in"):
         TopKConfig(d_in=0, latents=8, k=2)
     with pytest.raises(UserError, match="normalisation"):

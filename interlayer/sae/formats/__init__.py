@@ -38,9 +38,9 @@ def detect_format(folder: Path) -> str | None:
     """``interlayer``, one of :data:`FOREIGN`, or None when ``folder`` holds no SAE of any known format."""
     if saelens.is_saelens(folder):
         return "saelens"
-    if (folder / "cfg.json").is_file() and (folder / "sae.safetensors").is_file():
+    if (folder / "cfg.json").is_file():  # a missing weights file is then the reader's one-line error
         cfg = read_json(folder / "cfg.json", "SAE config")
-        if isinstance(cfg, dict) and sparsify.is_sparsify(folder, cfg):
+        if isinstance(cfg, dict) and sparsify.is_sparsify(cfg):
             return "sparsify"
         return "interlayer"
     if gemmascope.is_gemmascope(folder):

@@ -24,13 +24,10 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 
 
-def is_sparsify(folder: Path, cfg: dict[str, Any]) -> bool:
-    """Whether ``folder`` (whose cfg.json holds ``cfg``) is a sparsify folder rather than an interlayer one."""
-    return (
-        (folder / WEIGHTS_FILE).is_file()
-        and "latents" not in cfg
-        and ("num_latents" in cfg or "expansion_factor" in cfg)
-    )
+def is_sparsify(cfg: dict[str, Any]) -> bool:
+    """Whether a ``cfg.json`` holding ``cfg`` is sparsify's rather than interlayer's (both weights files are
+    called ``sae.safetensors``)."""
+    return "latents" not in cfg and ("num_latents" in cfg or "expansion_factor" in cfg)
 
 
 def read_sparsify(folder: Path) -> SparseAutoencoder:
