@@ -83,6 +83,14 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise UserError(f"{what} {path} is not valid JSON: {exc}") from None
 
 
+def read_json_object(path: str | Path, what: str = "file") -> dict[str, Any]:
+    """:func:`read_json` of a file that must hold a JSON object (a :class:`UserError` naming it otherwise)."""
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
 def read_tensors(path: str | Path, what: str = "file", device: str = "cpu") -> dict[str, torch.Tensor]:
     """Read a safetensors file, turning a missing or corrupt file into a :class:`UserError` naming it."""
     path = Path(path)

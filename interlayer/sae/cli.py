@@ -391,7 +391,10 @@ def sae_boost(
     train_cfg = TrainConfig(**{f.name: given[f.name] for f in fields(TrainConfig)})
     base_sae = load_sae(base)
     base_site = base_sae.cfg.site
-    if site is not None and base_site and site != base_site:
+    unmapped = (
+        bool(base_sae.cfg.source_format) and base_site == base_sae.cfg.source_site
+    )  # a foreign hook name
+    if site is not None and base_site and site != base_site and not unmapped:
         raise UserError(
             f"the base SAE was trained on site {base_site}, not {site}: a residual reads its base's site "
             "(leave out --site)"

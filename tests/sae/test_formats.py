@@ -18,7 +18,7 @@ from conftest import TEST_DEVICE
 from interlayer.errors import UserError
 from interlayer.sae import build_sae, load_sae, make_config, save_sae
 from interlayer.sae.formats import hooks, write_as
-from interlayer.sae.formats.hub import parse_hub_path
+from interlayer.sae.formats.hub import SAE_FILES, parse_hub_path
 from interlayer.sae.io import load_saes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -160,8 +160,9 @@ def test_hook_names_map_to_sites_and_back() -> None:
     }
     for hookpoint, site in modules.items():
         assert hooks.site_from_module(hookpoint) == site
-    with pytest.warns(UserWarning, match="'blocks.3.hook_resid_pre' has no interlayer site"):
-        assert hooks.site_from_saelens("blocks.3.hook_resid_pre") == "blocks.3.hook_resid_pre"
+    assert hooks.site_from_saelens("blocks.8.hook_resid_pre") == "layers.7"  # block 7's output
+    with pytest.warns(UserWarning, match="'blocks.0.hook_resid_pre' has no interlayer site"):
+        assert hooks.site_from_saelens("blocks.0.hook_resid_pre") == "blocks.0.hook_resid_pre"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert hooks.site_from_saelens("") == ""  # no name: nothing to warn about
@@ -213,18 +214,38 @@ def test_hub_path_downloads_only_that_folder_and_reads_it(tmp_path: Path, monkey
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     sae = load_sae(f"hf://google/gemma-scope-2b-pt-res@main/{inner}")
-    assert calls == [("google/gemma-scope-2b-pt-res", "main", [f"{inner}/*", inner])]
+    # only the SAE files there and one folder down: never the whole repository or every width and L0 below
+    assert calls == [
+        (
+            "google/gemma-scope-2b-pt-res",
+            "main",
+            [f"{inner}/{name}" for name in SAE_FILES] + [f"{inner}/*/{name}" for name in SAE_FILES],
+        )
+    ]
     assert sae.cfg.site == "layers.3" and sae.cfg.source_site == "res layer 3"
     torch.testing.assert_close(sae(inputs()), load_sae(repo / inner)(inputs()), rtol=0, atol=0)
     with pytest.raises(UserError, match="has nothing at 'layer_9'"):
         load_sae("hf://google/gemma-scope-2b-pt-res/layer_9")
-    assert parse_hub_path("hf://a/b") == ("a/b", None, "")
+    assert parse_hub_path("hf://a/b@v2/c/d") == ("a/b", "v2", "c/d")
+    with pytest.raises(UserError, match="names a whole repository"):
+        parse_hub_path("hf://a/b")
+    with pytest.raises(UserError, match="may not contain '..'"):
+        parse_hub_path("hf://a/b/../../etc")
     with pytest.raises(UserError, match="not a hub path"):
         parse_hub_path("hf://just-one-part")
+    from huggingface_hub.errors import HFValidationError
+
+    def invalid(repo_id, **kwargs):
+        raise HFValidationError(f"Repo id must use alphanumeric chars: {repo_id!r}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", invalid)
+    with pytest.raises(UserError, match="could not fetch hf://own er/repo/x from the Hugging Face hub"):
+        load_sae("hf://own er/repo/x")
 
 
 # ---- bad files: one line, exit code 2 --------------------------------------------------------------------
-def _eval(path: Path, capsys) -> tuple[int, str, str]:
+def _load_via_export(path: Path, capsys) -> tuple[int, str, str]:
+    """``interlayer sae export PATH``: it reads PATH first, so a bad file is that command's one-line error."""
     return run_cli(
         ["sae", "export", str(path), "--to", "saelens", "--out", str(path.parent / "never")], capsys
     )
@@ -234,14 +255,31 @@ def test_gemmascope_missing_array_and_object_array(tmp_path: Path, capsys) -> No
     arrays = gemma_arrays()
     (tmp_path / "missing").mkdir()
     np.savez(tmp_path / "missing" / "params.npz", **{k: v for k, v in arrays.items() if k != "threshold"})
-    assert_user_error(_eval(tmp_path / "missing", capsys), "params.npz lacks the array(s) threshold")
+    assert_user_error(
+        _load_via_export(tmp_path / "missing", capsys), "params.npz lacks the array(s) threshold"
+    )
     (tmp_path / "objects").mkdir()
-    np.savez(tmp_path / "objects" / "params.npz", **arrays, note=np.array([{"a": 1}], dtype=object))
-    assert_user_error(_eval(tmp_path / "objects", capsys), "holds object arrays", "never unpickles")
+    objects = arrays | {"threshold": np.array([{"a": 1}] * F, dtype=object)}
+    np.savez(tmp_path / "objects" / "params.npz", **objects)
+    assert_user_error(
+        _load_via_export(tmp_path / "objects", capsys), "holds object arrays", "never unpickles"
+    )
     (tmp_path / "shape").mkdir()
     np.savez(tmp_path / "shape" / "params.npz", **(arrays | {"b_dec": np.zeros(D + 1, np.float32)}))
     assert_user_error(
-        _eval(tmp_path / "shape", capsys), "params.npz: tensor 'b_dec' has shape (9,)", "dimension 0"
+        _load_via_export(tmp_path / "shape", capsys),
+        "params.npz: tensor 'b_dec' has shape (9,)",
+        "dimension 0",
+    )
+    (tmp_path / "text").mkdir()
+    np.savez(tmp_path / "text" / "params.npz", **(arrays | {"b_enc": np.array(["a"] * F)}))
+    assert_user_error(
+        _load_via_export(tmp_path / "text", capsys), "array 'b_enc' has dtype <U1, not a number type"
+    )
+    (tmp_path / "notzip").mkdir()
+    (tmp_path / "notzip" / "params.npz").write_bytes(b"not a zip")
+    assert_user_error(
+        _load_via_export(tmp_path / "notzip", capsys), "is not a readable .npz file (not a zip archive)"
     )
 
 
@@ -268,7 +306,7 @@ def test_saelens_refusals(tmp_path: Path, capsys) -> None:
         )
         cfg = json.loads((tmp_path / "ok" / "cfg.json").read_text()) | change
         (folder / "cfg.json").write_text(json.dumps(cfg))
-        assert_user_error(_eval(folder, capsys), needle)
+        assert_user_error(_load_via_export(folder, capsys), needle)
 
 
 def test_sparsify_refusals(tmp_path: Path, capsys) -> None:
@@ -283,15 +321,17 @@ def test_sparsify_refusals(tmp_path: Path, capsys) -> None:
         (folder / "sae.safetensors").write_bytes((tmp_path / "ok" / "sae.safetensors").read_bytes())
         cfg = json.loads((tmp_path / "ok" / "cfg.json").read_text()) | change
         (folder / "cfg.json").write_text(json.dumps(cfg))
-        assert_user_error(_eval(folder, capsys), needle)
+        assert_user_error(_load_via_export(folder, capsys), needle)
 
 
 def test_ae_pt_with_pickled_objects_is_refused_unread(tmp_path: Path, capsys) -> None:
     (tmp_path / "dl").mkdir()
     torch.save({"encoder.weight": torch.zeros(F, D), "note": Path("/etc")}, tmp_path / "dl" / "ae.pt")
-    assert_user_error(_eval(tmp_path / "dl", capsys), "ae.pt holds more than tensors", "weights_only=True")
+    assert_user_error(
+        _load_via_export(tmp_path / "dl", capsys), "ae.pt holds more than tensors", "weights_only=True"
+    )
 
 
 def test_nothing_there_is_one_line(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
-    assert_user_error(_eval(tmp_path / "empty", capsys), "no SAE found at")
+    assert_user_error(_load_via_export(tmp_path / "empty", capsys), "no SAE found at")

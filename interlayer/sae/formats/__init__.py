@@ -1,15 +1,15 @@
 """Other libraries' SAE files: recognise a folder's format and read it as one of interlayer's SAE modules,
 and write interlayer SAEs in the formats other tools read.
 
-=====================  ===============================================  ============================
+=====================  ===============================================  ==============================================
 format                 files                                            read as
-=====================  ===============================================  ============================
+=====================  ===============================================  ==============================================
 interlayer             ``cfg.json`` (``latents``) + ``sae.safetensors``  itself
 SAELens                ``cfg.json`` + ``sae_weights.safetensors``        relu / topk / jumprelu / batchtopk
 sparsify               ``cfg.json`` (``num_latents``) + ``sae.safetensors``  topk
 Gemma Scope            ``params.npz``                                   jumprelu
-dictionary_learning    ``ae.pt`` (+ ``config.json``)                     relu / topk / batchtopk / jumprelu
-=====================  ===============================================  ============================
+dictionary_learning    ``ae.pt`` (+ ``config.json``)                     relu / topk / batchtopk / matryoshka / jumprelu
+=====================  ===============================================  ==============================================
 
 A path may also be ``hf://owner/repo[@revision]/path`` (:mod:`interlayer.sae.formats.hub`). The returned
 module's ``sae(x)`` is the original library's reconstruction and ``sae.encode(x)`` its latent activations,
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from interlayer.atomic import read_json
+from interlayer.atomic import read_json_object
 from interlayer.errors import UserError
 from interlayer.sae.base import SparseAutoencoder
 from interlayer.sae.formats import dictionary_learning, gemmascope, hub, saelens, sparsify
@@ -36,13 +36,11 @@ EXPORTS = ("saelens", "sparsify")
 
 def detect_format(folder: Path) -> str | None:
     """``interlayer``, one of :data:`FOREIGN`, or None when ``folder`` holds no SAE of any known format."""
-    if saelens.is_saelens(folder):
+    cfg = read_json_object(folder / "cfg.json", "SAE config") if (folder / "cfg.json").is_file() else None
+    if saelens.is_saelens(folder, cfg):
         return "saelens"
-    if (folder / "cfg.json").is_file():  # a missing weights file is then the reader's one-line error
-        cfg = read_json(folder / "cfg.json", "SAE config")
-        if isinstance(cfg, dict) and sparsify.is_sparsify(cfg):
-            return "sparsify"
-        return "interlayer"
+    if cfg is not None:  # a missing weights file is then the reader's one-line error
+        return "sparsify" if sparsify.is_sparsify(cfg) else "interlayer"
     if gemmascope.is_gemmascope(folder):
         return "gemmascope"
     if dictionary_learning.is_dictionary_learning(folder):

@@ -52,9 +52,15 @@ def b_enc_without_input_bias(
     return (b_enc_F.double() + W_enc_FD.double() @ b_dec_D.double()).float()
 
 
-def assemble(architecture: str, tensors: dict[str, torch.Tensor], **fields: Any) -> SparseAutoencoder:
+def assemble(
+    architecture: str, tensors: dict[str, torch.Tensor], file: Path, **fields: Any
+) -> SparseAutoencoder:
     """One of interlayer's SAEs of ``architecture`` holding ``tensors`` (interlayer's file names and layout:
-    ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, ``threshold``), in inference mode."""
-    sae = build_sae(make_config(architecture, **fields))
-    sae.load_file_tensors_(tensors)
+    ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, ``threshold``), in inference mode; a value the config or the
+    tensors refuse is a :class:`UserError` naming ``file``, the file they came from."""
+    try:
+        sae = build_sae(make_config(architecture, **fields))
+        sae.load_file_tensors_(tensors)
+    except UserError as exc:
+        raise UserError(f"{file}: {exc}") from None
     return sae.eval().requires_grad_(False)

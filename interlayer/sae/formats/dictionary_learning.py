@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from interlayer.atomic import read_json
+from interlayer.atomic import read_json_object
 from interlayer.errors import UserError
 from interlayer.sae.base import SparseAutoencoder
-from interlayer.sae.formats.common import assemble, b_enc_without_input_bias, take
+from interlayer.sae.formats.common import assemble, b_enc_without_input_bias, config_int, take
 from interlayer.sae.formats.hooks import site_from_module
 
 WEIGHTS_FILE = "ae.pt"
@@ -38,6 +38,7 @@ READS = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKS
 
 
 def is_dictionary_learning(folder: Path) -> bool:
+    """Whether ``folder`` holds an ``ae.pt``."""
     return (folder / WEIGHTS_FILE).is_file()
 
 
@@ -63,6 +64,7 @@ def _trainer(cfg: Any) -> dict[str, Any]:
 
 
 def _dict_class(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> str:
+    """The dictionary_learning class: the config's ``trainer.dict_class``, else told by the state dict's keys."""
     trainer = _trainer(cfg)
     if trainer.get("dict_class"):
         return str(trainer["dict_class"])
@@ -79,7 +81,11 @@ def read_dictionary_learning(folder: Path) -> SparseAutoencoder:
     """The SAE in a dictionary_learning folder (``ae.pt``, and ``config.json`` when present)."""
     file = folder / WEIGHTS_FILE
     state = read_state_dict(file)
-    cfg = read_json(folder / CFG_FILE, "dictionary_learning config") if (folder / CFG_FILE).is_file() else {}
+    cfg = (
+        read_json_object(folder / CFG_FILE, "dictionary_learning config")
+        if (folder / CFG_FILE).is_file()
+        else {}
+    )
     dict_class = _dict_class(state, cfg)
     if dict_class not in READS:
         raise UserError(
@@ -104,7 +110,7 @@ def read_dictionary_learning(folder: Path) -> SparseAutoencoder:
             "b_dec": take(state, bias, (d,), file),
         }
     trainer = _trainer(cfg)
-    hook = str(trainer.get("submodule_name") or "")
+    hook = str(trainer.get("submodule_name") or "")  # str(): a wrong type in a foreign file is not a crash
     fields: dict[str, Any] = {
         "d_in": int(d),
         "latents": int(F),
@@ -121,19 +127,28 @@ def read_dictionary_learning(folder: Path) -> SparseAutoencoder:
                 tensors["W_enc"] * norms_F[:, None],
                 tensors["b_enc"] * norms_F,
             )
-        return assemble("relu", tensors, **fields)
+        return assemble("relu", tensors, file, **fields)
     if dict_class == "JumpReluAutoEncoder":
         tensors["b_enc"] = b_enc_without_input_bias(tensors["W_enc"], tensors["b_enc"], tensors["b_dec"])
         tensors["threshold"] = take(state, "threshold", (int(F),), file).clamp_min(0)
-        return assemble("jumprelu", tensors, **fields)
-    k = int(state["k"]) if "k" in state else int(trainer.get("k", 0))
+        return assemble("jumprelu", tensors, file, **fields)
+    k = _k(state, trainer, file)
     if dict_class == "AutoEncoderTopK":
-        return assemble("topk", tensors, k=k, **fields)
+        return assemble("topk", tensors, file, k=k, **fields)
     tensors["threshold"] = take(state, "threshold", (), file)
     if dict_class == "BatchTopKSAE":
-        return assemble("batchtopk", tensors, k=k, **fields)
+        return assemble("batchtopk", tensors, file, k=k, **fields)
     prefixes = tuple(int(p) for p in state["group_sizes"].cumsum(0)) if "group_sizes" in state else ()
-    return assemble("matryoshka", tensors, k=k, prefixes=prefixes, **fields)
+    return assemble("matryoshka", tensors, file, k=k, prefixes=prefixes, **fields)
+
+
+def _k(state: dict[str, torch.Tensor], trainer: dict[str, Any], file: Path) -> int:
+    """k from the state dict's ``k`` buffer, else the config's ``trainer.k``."""
+    if "k" in state:
+        if state["k"].numel() != 1:
+            raise UserError(f"{file}: 'k' must hold one number, got shape {tuple(state['k'].shape)}")
+        return int(state["k"])
+    return config_int(trainer, "k", file.parent / CFG_FILE)
 
 
 def _site(hook: str) -> str:

@@ -26,26 +26,33 @@ ARRAYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
 
 def is_gemmascope(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``params.npz``."""
     return (folder / PARAMS_FILE).is_file()
 
 
-def read_npz(file: Path) -> dict[str, torch.Tensor]:
-    """Every array of an ``.npz`` as a tensor, read without unpickling anything."""
+def read_npz(file: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The arrays ``names`` of an ``.npz`` (those it has) as tensors, read without unpickling anything."""
+    if not zipfile.is_zipfile(file):
+        raise UserError(f"{file} is not a readable .npz file (not a zip archive)")
     try:
         with np.load(file, allow_pickle=False) as npz:
-            return {name: torch.from_numpy(np.array(npz[name])) for name in npz.files}
+            arrays = {name: np.array(npz[name]) for name in names if name in npz.files}
     except ValueError as exc:  # numpy's refusal of object arrays under allow_pickle=False
         raise UserError(
             f"{file} holds object arrays ({exc}); interlayer reads numeric arrays only and never unpickles"
         ) from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise UserError(f"{file} is not a readable .npz file: {exc}") from None
+    for name, array in arrays.items():
+        if array.dtype.kind not in "fiu":
+            raise UserError(f"{file}: array {name!r} has dtype {array.dtype}, not a number type")
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
 def read_gemmascope(folder: Path, hub_path: str = "") -> SparseAutoencoder:
     """The JumpReLU SAE in ``folder/params.npz``; ``hub_path`` (``owner/repo/layer_N/…``) names its site."""
     file = folder / PARAMS_FILE
-    arrays = read_npz(file)
+    arrays = read_npz(file, ARRAYS)
     missing = [name for name in ARRAYS if name not in arrays]
     if missing:
         raise UserError(
@@ -65,10 +72,16 @@ def read_gemmascope(folder: Path, hub_path: str = "") -> SparseAutoencoder:
         "b_dec": b_dec_D,
         "threshold": take(arrays, "threshold", (F,), file).clamp_min(0),  # θ < 0 acts as 0 under the ReLU
     }
+    if "transcoder" in (hub_path or str(folder)):
+        raise UserError(
+            f"{file} is a Gemma Scope transcoder (it maps an MLP's input to its output), which interlayer's "
+            "SAEs do not represent"
+        )
     site, source_site = _site_from_path(hub_path or str(folder))
     return assemble(
         "jumprelu",
         tensors,
+        file,
         d_in=int(d),
         latents=int(F),
         site=site,

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from interlayer import __version__
-from interlayer.atomic import read_json, read_tensors, write_json, write_tensors
+from interlayer.atomic import read_json_object, read_tensors, write_json, write_tensors
 from interlayer.errors import UserError
 from interlayer.sae.base import SparseAutoencoder
 from interlayer.sae.formats.common import assemble, b_enc_without_input_bias, config_int, take
@@ -47,11 +47,12 @@ READS = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
 SAME_AT_INFERENCE = ("none", "expected_average_only_in")
 
 
-def is_saelens(folder: Path) -> bool:
-    return (folder / CFG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+def is_saelens(folder: Path, cfg: dict[str, Any] | None) -> bool:
+    """Whether ``folder`` is a SAELens folder: its weights file, or a cfg.json in SAELens's vocabulary."""
+    return (folder / WEIGHTS_FILE).is_file() or (cfg is not None and "d_sae" in cfg)
 
 
-def _modern(cfg: dict[str, Any]) -> dict[str, Any]:
+def _saelens6_vocabulary(cfg: dict[str, Any]) -> dict[str, Any]:
     """A SAELens config in the 6.x vocabulary (older configs renamed the way SAELens itself renames them)."""
     cfg = dict(cfg)
     if "hook_point" in cfg:
@@ -61,11 +62,11 @@ def _modern(cfg: dict[str, Any]) -> dict[str, Any]:
     metadata: dict[str, Any] = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}
     cfg["hook_name"] = metadata.get("hook_name", cfg.get("hook_name", ""))
     cfg["model_name"] = metadata.get("model_name", cfg.get("model_name", ""))
-    kwargs = cfg.get("activation_fn_kwargs") or {}
-    if "architecture" not in cfg:
-        cfg["architecture"] = "topk" if cfg.get("activation_fn") == "topk" and "k" in kwargs else "standard"
-        if cfg["architecture"] == "topk":
-            cfg["k"] = kwargs["k"]
+    kwargs = cfg.get("activation_fn_kwargs")
+    cfg.setdefault("architecture", "standard")
+    # as SAELens's handle_pre_6_0_config: a TopK activation makes a TopK SAE, whatever `architecture` says
+    if cfg.get("activation_fn") == "topk" and isinstance(kwargs, dict) and kwargs.get("k") is not None:
+        cfg["architecture"], cfg["k"] = "topk", kwargs["k"]
     if isinstance(cfg.get("normalize_activations"), bool):
         cfg["normalize_activations"] = "expected_average_only_in" if cfg["normalize_activations"] else "none"
     return cfg
@@ -74,7 +75,7 @@ def _modern(cfg: dict[str, Any]) -> dict[str, Any]:
 def read_saelens(folder: Path) -> SparseAutoencoder:
     """The SAE in a SAELens folder, as one of interlayer's modules with the same codes and reconstruction."""
     cfg_file, weights_file = folder / CFG_FILE, folder / WEIGHTS_FILE
-    cfg = _modern(read_json(cfg_file, "SAELens config"))
+    cfg = _saelens6_vocabulary(read_json_object(cfg_file, "SAELens config"))
     architecture = cfg["architecture"]
     if architecture not in READS:
         raise UserError(
@@ -114,20 +115,20 @@ def read_saelens(folder: Path) -> SparseAutoencoder:
     fields: dict[str, Any] = {
         "d_in": d,
         "latents": F,
-        "site": site_from_saelens(cfg["hook_name"] or ""),
-        "model": cfg["model_name"] or "",
+        "site": site_from_saelens(str(cfg["hook_name"] or "")),
+        "model": str(cfg["model_name"] or ""),
         "source_format": "saelens",
-        "source_site": cfg["hook_name"] or "",
+        "source_site": str(cfg["hook_name"] or ""),
     }
     if architecture == "standard":
-        return assemble("relu", tensors, **fields)
+        return assemble("relu", tensors, weights_file, **fields)
     if architecture == "topk":
-        return assemble("topk", tensors, k=config_int(cfg, "k", cfg_file), **fields)
+        return assemble("topk", tensors, weights_file, k=config_int(cfg, "k", cfg_file), **fields)
     if architecture == "jumprelu":
         tensors["threshold"] = take(raw, "threshold", (F,), weights_file).clamp_min(0)
-        return assemble("jumprelu", tensors, **fields)
+        return assemble("jumprelu", tensors, weights_file, **fields)
     tensors["threshold"] = take(raw, "topk_threshold", (), weights_file)
-    return assemble("batchtopk", tensors, k=config_int(cfg, "k", cfg_file), **fields)
+    return assemble("batchtopk", tensors, weights_file, k=config_int(cfg, "k", cfg_file), **fields)
 
 
 def _stored_scaling_factor(folder: Path) -> float | None:
@@ -135,7 +136,7 @@ def _stored_scaling_factor(folder: Path) -> float | None:
     file = folder / SCALER_FILE
     if not file.is_file():
         return None
-    value = read_json(file, "SAELens activation scaler").get("scaling_factor")
+    value = read_json_object(file, "SAELens activation scaler").get("scaling_factor")
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -196,4 +197,5 @@ def saelens_form(sae: SparseAutoencoder) -> tuple[str, dict[str, Any], torch.Ten
     raise UserError(
         f"a {arch} SAE cannot be written as a SAELens SAE: SAELens has no architecture that computes its "
         "codes (it reads standard, topk and jumprelu encoders with one dense W_enc)"
+        + ("; export its base, and keep the boosted folder for interlayer" if arch == "boosted" else "")
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from interlayer.atomic import read_json, read_tensors, write_json, write_tensors
+from interlayer.atomic import read_json_object, read_tensors, write_json, write_tensors
 from interlayer.errors import UserError
 from interlayer.sae.base import SparseAutoencoder
 from interlayer.sae.formats.common import assemble, config_int, take
@@ -33,7 +33,7 @@ def is_sparsify(cfg: dict[str, Any]) -> bool:
 def read_sparsify(folder: Path) -> SparseAutoencoder:
     """The TopK SAE in a sparsify folder; its hook point is the folder's name."""
     cfg_file, weights_file = folder / CFG_FILE, folder / WEIGHTS_FILE
-    cfg = read_json(cfg_file, "sparsify config")
+    cfg = read_json_object(cfg_file, "sparsify config")
     activation = cfg.get("activation", "topk")
     if activation != "topk":
         raise UserError(f"{cfg_file}: sparsify activation {activation!r} is not one interlayer reads (topk)")
@@ -60,6 +60,7 @@ def read_sparsify(folder: Path) -> SparseAutoencoder:
     return assemble(
         "topk",
         tensors,
+        weights_file,
         d_in=d,
         latents=F,
         k=config_int(cfg, "k", cfg_file),
@@ -80,7 +81,6 @@ def check_writable(sae: SparseAutoencoder) -> None:
 
 def write_sparsify(sae: SparseAutoencoder, folder: Path) -> Path:
     """Write ``sae`` (TopK, or HierarchicalTopK at its K) as a sparsify folder (weights first; both atomic)."""
-    check_writable(sae)
     cfg = sae.cfg
     k = int(cfg.k)  # type: ignore[attr-defined]
     write_tensors(
