@@ -6,9 +6,11 @@ special-token handling are exercised with a real tokenizer while the models stay
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,6 +27,14 @@ if (
     TEST_DEVICE.type == "cuda"
 ):  # deterministic kernels where CUDA has them (gpu_check.sh sets CUBLAS_WORKSPACE_CONFIG)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def peer(module: str) -> Any:
+    """A peer library, installed by the test extra (a missing one fails the test). Only on the GPU check
+    (``INTERLAYER_TEST_DEVICE`` set), whose offline image lacks sae-lens, is a missing peer a skip."""
+    if TEST_DEVICE.type != "cpu":
+        return pytest.importorskip(module)
+    return importlib.import_module(module)
 
 
 def tiny_config(family: str, vocab: int) -> tuple[T.PretrainedConfig, type]:

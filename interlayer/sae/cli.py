@@ -312,6 +312,8 @@ def sae_export(
 
     if to not in EXPORTS:
         raise UserError(f"--to must be one of {', '.join(EXPORTS)}, got {to!r}")
+    if out.exists() and any(out.iterdir()):  # never mix a new export into (or over) other files
+        raise UserError(f"--out {out} is not empty; choose a new folder")
     saes = load_saes(src)
     for loaded in saes.values():  # refuse before writing anything
         check_writable(loaded, to)

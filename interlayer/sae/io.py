@@ -61,6 +61,10 @@ def load_saes(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
     hub_path = str(path) if formats.hub.is_hub_path(path) else ""
     folder = formats.hub.download(hub_path) if hub_path else Path(path)
     if folder.is_file():  # params.npz or ae.pt named directly
+        if folder.name not in ("params.npz", "ae.pt"):
+            raise UserError(
+                f"{path} is a file; pass the SAE's folder (or a Gemma Scope params.npz / dictionary_learning ae.pt)"
+            )
         folder = folder.parent
     if not folder.is_dir():
         raise UserError(f"no SAE at {path}: folder not found")

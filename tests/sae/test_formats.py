@@ -4,7 +4,6 @@ one line and exit code 2."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import warnings
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_DEVICE
+from conftest import peer
 
 from interlayer.errors import UserError
 from interlayer.sae import build_sae, load_sae, make_config, save_sae
@@ -34,14 +33,6 @@ OPTIONS = {
     "matryoshka": {"k": 4, "prefixes": (8, 32)},
     "kron": {"k": 4, "heads": 4, "m": 2, "n": 4},
 }
-
-
-def peer(module: str):
-    """A peer library, installed by the test extra (a missing one fails the test). Only on the GPU check
-    (``INTERLAYER_TEST_DEVICE`` set), whose offline image lacks sae-lens, is a missing peer a skip."""
-    if TEST_DEVICE.type != "cpu":
-        return pytest.importorskip(module)
-    return importlib.import_module(module)
 
 
 def random_sae(architecture: str, seed: int = 0, site: str = "layers.2"):
@@ -119,6 +110,29 @@ def test_export_cli_writes_a_run_as_one_folder_per_hook_point(tmp_path: Path, ca
     x = inputs()
     for site, seed in (("layers.0", 0), ("layers.1.mlp", 1)):
         torch.testing.assert_close(got[site](x), random_sae("topk", seed, site)(x), rtol=1e-6, atol=1e-6)
+
+
+def test_export_refuses_a_boosted_sae_and_a_folder_in_use(tmp_path: Path, capsys) -> None:
+    from interlayer.sae.boosted import boost_config
+
+    base = random_sae("topk")
+    save_sae(base, tmp_path / "base")
+    boosted = build_sae(boost_config(base, tmp_path / "base", 8, 2, "stdlib:code"))
+    boosted.initialise_(torch.Generator().manual_seed(0))
+    save_sae(boosted, tmp_path / "boosted")
+    result = run_cli(
+        ["sae", "export", str(tmp_path / "boosted"), "--to", "saelens", "--out", str(tmp_path / "o")], capsys
+    )
+    assert_user_error(result, "a boosted SAE cannot be written as a SAELens SAE", "export its base")
+    result = run_cli(
+        ["sae", "export", str(tmp_path / "base"), "--to", "saelens", "--out", str(tmp_path / "boosted")],
+        capsys,
+    )
+    assert_user_error(result, "is not empty; choose a new folder")
+    assert load_sae(tmp_path / "boosted").cfg.architecture == "boosted", "the folder is untouched"
+    (tmp_path / "base" / "other.npz").write_bytes(b"")
+    with pytest.raises(UserError, match="is a file; pass the SAE's folder"):
+        load_sae(tmp_path / "base" / "other.npz")
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import peer
 from safetensors.torch import load_file
 
 from interlayer.errors import UserError
@@ -21,17 +22,17 @@ READ = {
     "saelens_topk": ("topk", "layers.1.mlp", "blocks.1.hook_mlp_out"),
     "saelens_topk_rescale": ("topk", None, None),
     "saelens_jumprelu": ("jumprelu", "layers.0.attn", "blocks.0.hook_attn_out"),
-    "saelens_batchtopk": (None, None, None),
-    "saelens_matryoshka": (None, None, None),
+    "saelens_batchtopk": ("jumprelu", None, None),  # SAELens saves BatchTopK for inference as JumpReLU
+    "saelens_matryoshka": ("jumprelu", None, None),
     "saelens_norm": ("relu", None, None),
     "sparsify_single": ("topk", None, None),
-    "gemmascope": ("jumprelu", None, None),
-    "dictlearn_standard": ("relu", None, None),
-    "dictlearn_standard_april": ("relu", None, None),
-    "dictlearn_topk": ("topk", None, None),
-    "dictlearn_batchtopk": ("batchtopk", None, None),
-    "dictlearn_matryoshka": ("matryoshka", None, None),
-    "dictlearn_jumprelu": ("jumprelu", None, None),
+    "gemmascope": ("jumprelu", "", ""),  # a local folder: no hub path to name the layer
+    "dictlearn_standard": ("relu", "layers.2", "resid_post_layer_2"),
+    "dictlearn_standard_april": ("relu", "layers.2", "resid_post_layer_2"),
+    "dictlearn_topk": ("topk", "layers.2", "resid_post_layer_2"),
+    "dictlearn_batchtopk": ("batchtopk", "layers.2", "resid_post_layer_2"),
+    "dictlearn_matryoshka": ("matryoshka", "layers.2", "resid_post_layer_2"),
+    "dictlearn_jumprelu": ("jumprelu", "layers.2", "resid_post_layer_2"),
 }
 
 
@@ -88,3 +89,43 @@ def test_sparsify_run_folder_is_one_sae_per_hookpoint() -> None:
 def test_what_the_peers_wrote_and_we_refuse(name: str, needle: str) -> None:
     with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_sae(PEERS / name)
+
+
+def test_a_pre_6_saelens_topk_config_is_topk_as_saelens_reads_it(tmp_path: Path) -> None:
+    """SAELens < 6 wrote ``architecture: standard`` with ``activation_fn_str: topk``; SAELens reads a TopK SAE."""
+    import json
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(PEERS / "saelens_topk", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    old = {
+        "d_in": cfg["d_in"],
+        "d_sae": cfg["d_sae"],
+        "dtype": "float32",
+        "architecture": "standard",
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": cfg["k"]},
+        "hook_point": "blocks.1.hook_mlp_out",
+        "model_name": "gpt2",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": False,
+    }
+    (folder / "cfg.json").write_text(json.dumps(old))
+    sae = load_sae(folder)
+    want = expected("saelens_topk")
+    assert sae.cfg.architecture == "topk" and sae.cfg.site == "layers.1.mlp"
+    torch.testing.assert_close(sae(want["x"]), want["recon"], rtol=1e-5, atol=1e-5)
+
+
+def test_gemma_scope_exported_to_saelens_is_the_same_function_for_saelens(tmp_path: Path) -> None:
+    """Import, then export: the b_enc fold and the threshold survive into a file SAELens itself computes from."""
+    from interlayer.sae.formats import write_as
+
+    SAE = peer("sae_lens").SAE
+    write_as(load_sae(PEERS / "gemmascope"), "saelens", tmp_path / "sl")
+    want = expected("gemmascope")
+    theirs = SAE.load_from_disk(tmp_path / "sl")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(want["x"]), want["latents"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs(want["x"]), want["recon"], rtol=1e-5, atol=1e-5)
