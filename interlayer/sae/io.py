@@ -18,6 +18,7 @@ from interlayer.errors import UserError
 from interlayer.sae import formats
 from interlayer.sae.architectures import build_sae, config_from_json
 from interlayer.sae.base import SparseAutoencoder
+from interlayer.sae.formats.common import checked_tensor
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -92,18 +93,8 @@ def _load_own(folder: Path) -> SparseAutoencoder:
     cfg = config_from_json(read_json(folder / CFG_FILE, "SAE config"), source=str(folder / CFG_FILE))
     tensors = read_tensors(folder / WEIGHTS_FILE, "SAE weights")
     sae = build_sae(cfg)
-    for name, want in sae.file_tensors().items():
-        if name not in tensors:
-            raise UserError(f"{folder / WEIGHTS_FILE} lacks tensor {name!r}")
-        got = tensors[name]
-        if got.shape != want.shape:
-            dims = [
-                d for d in range(max(got.dim(), want.dim())) if got.shape[d : d + 1] != want.shape[d : d + 1]
-            ]
-            raise UserError(
-                f"{folder / WEIGHTS_FILE}: tensor {name!r} has shape {tuple(got.shape)} but cfg.json implies "
-                f"{tuple(want.shape)} (dimension {dims[0]} differs)"
-            )
+    for name, want in sae.file_tensors().items():  # every shape against cfg.json, naming file and dimension
+        checked_tensor(tensors, name, tuple(want.shape), folder / WEIGHTS_FILE)
     try:
         sae.load_file_tensors_(tensors)
     except UserError as exc:

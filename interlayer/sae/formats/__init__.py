@@ -26,16 +26,14 @@ from interlayer.errors import UserError
 from interlayer.sae.base import SparseAutoencoder
 from interlayer.sae.formats import dictionary_learning, gemmascope, hub, saelens, sparsify
 
-__all__ = ["EXPORTS", "FOREIGN", "check_writable", "detect_format", "hub", "read_foreign", "write_as"]
+__all__ = ["EXPORTS", "check_writable", "detect_format", "hub", "read_foreign", "write_as"]
 
-FOREIGN = ("saelens", "sparsify", "gemmascope", "dictionary_learning")
-"""Formats read besides interlayer's own."""
 EXPORTS = ("saelens", "sparsify")
 """Formats :func:`write_as` writes."""
 
 
 def detect_format(folder: Path) -> str | None:
-    """``interlayer``, one of :data:`FOREIGN`, or None when ``folder`` holds no SAE of any known format."""
+    """``interlayer``, ``saelens``, ``sparsify``, ``gemmascope``, ``dictionary_learning``, or None when ``folder`` holds no SAE of any known format."""
     cfg = read_json_object(folder / "cfg.json", "SAE config") if (folder / "cfg.json").is_file() else None
     if saelens.is_saelens(folder, cfg):
         return "saelens"
@@ -49,7 +47,7 @@ def detect_format(folder: Path) -> str | None:
 
 
 def read_foreign(folder: Path, fmt: str, hub_path: str = "") -> SparseAutoencoder:
-    """Read the SAE of format ``fmt`` (one of :data:`FOREIGN`) in ``folder``."""
+    """Read the SAE of format ``fmt`` (any :func:`detect_format` names but ``interlayer``) in ``folder``."""
     if fmt == "saelens":
         return saelens.read_saelens(folder)
     if fmt == "sparsify":
@@ -64,7 +62,7 @@ def read_foreign(folder: Path, fmt: str, hub_path: str = "") -> SparseAutoencode
 def check_writable(sae: SparseAutoencoder, fmt: str) -> None:
     """A :class:`UserError` saying why, unless format ``fmt`` (one of :data:`EXPORTS`) can express ``sae``."""
     if fmt == "saelens":
-        saelens.saelens_form(sae)
+        saelens.saelens_equivalent(sae)
     elif fmt == "sparsify":
         sparsify.check_writable(sae)
     else:

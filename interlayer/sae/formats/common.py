@@ -18,7 +18,9 @@ from interlayer.sae.architectures import build_sae, make_config
 from interlayer.sae.base import SparseAutoencoder
 
 
-def take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], file: Path) -> torch.Tensor:
+def checked_tensor(
+    tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], file: Path
+) -> torch.Tensor:
     """``tensors[name]`` as float32 after checking it is there and has ``shape`` (a :class:`UserError` naming
     the file, the tensor and the first differing dimension otherwise)."""
     if name not in tensors:

@@ -29,7 +29,7 @@ import torch
 from interlayer.atomic import read_json_object
 from interlayer.errors import UserError
 from interlayer.sae.base import SparseAutoencoder
-from interlayer.sae.formats.common import assemble, b_enc_without_input_bias, config_int, take
+from interlayer.sae.formats.common import assemble, b_enc_without_input_bias, checked_tensor, config_int
 from interlayer.sae.formats.hooks import site_from_module
 
 WEIGHTS_FILE = "ae.pt"
@@ -95,19 +95,22 @@ def read_dictionary_learning(folder: Path) -> SparseAutoencoder:
         if state["W_enc"].dim() != 2:
             raise UserError(f"{file}: W_enc must be [d, F], got shape {tuple(state['W_enc'].shape)}")
         d, F = state["W_enc"].shape
-        W_enc_FD = take(state, "W_enc", (d, F), file).T.contiguous()
-        tensors = {"W_enc": W_enc_FD, "b_enc": take(state, "b_enc", (F,), file)}
-        tensors |= {"W_dec": take(state, "W_dec", (F, d), file), "b_dec": take(state, "b_dec", (d,), file)}
+        W_enc_FD = checked_tensor(state, "W_enc", (d, F), file).T.contiguous()
+        tensors = {"W_enc": W_enc_FD, "b_enc": checked_tensor(state, "b_enc", (F,), file)}
+        tensors |= {
+            "W_dec": checked_tensor(state, "W_dec", (F, d), file),
+            "b_dec": checked_tensor(state, "b_dec", (d,), file),
+        }
     else:
         if "encoder.weight" not in state or state["encoder.weight"].dim() != 2:
             raise UserError(f"{file} lacks a 2-dimensional 'encoder.weight' [F, d]")
         F, d = state["encoder.weight"].shape
         bias = "bias" if dict_class == "AutoEncoder" else "b_dec"
         tensors = {
-            "W_enc": take(state, "encoder.weight", (F, d), file),
-            "b_enc": take(state, "encoder.bias", (F,), file),
-            "W_dec": take(state, "decoder.weight", (d, F), file).T.contiguous(),
-            "b_dec": take(state, bias, (d,), file),
+            "W_enc": checked_tensor(state, "encoder.weight", (F, d), file),
+            "b_enc": checked_tensor(state, "encoder.bias", (F,), file),
+            "W_dec": checked_tensor(state, "decoder.weight", (d, F), file).T.contiguous(),
+            "b_dec": checked_tensor(state, bias, (d,), file),
         }
     trainer = _trainer(cfg)
     hook = str(trainer.get("submodule_name") or "")  # str(): a wrong type in a foreign file is not a crash
@@ -130,12 +133,12 @@ def read_dictionary_learning(folder: Path) -> SparseAutoencoder:
         return assemble("relu", tensors, file, **fields)
     if dict_class == "JumpReluAutoEncoder":
         tensors["b_enc"] = b_enc_without_input_bias(tensors["W_enc"], tensors["b_enc"], tensors["b_dec"])
-        tensors["threshold"] = take(state, "threshold", (int(F),), file).clamp_min(0)
+        tensors["threshold"] = checked_tensor(state, "threshold", (int(F),), file).clamp_min(0)
         return assemble("jumprelu", tensors, file, **fields)
     k = _k(state, trainer, file)
     if dict_class == "AutoEncoderTopK":
         return assemble("topk", tensors, file, k=k, **fields)
-    tensors["threshold"] = take(state, "threshold", (), file)
+    tensors["threshold"] = checked_tensor(state, "threshold", (), file)
     if dict_class == "BatchTopKSAE":
         return assemble("batchtopk", tensors, file, k=k, **fields)
     prefixes = tuple(int(p) for p in state["group_sizes"].cumsum(0)) if "group_sizes" in state else ()

@@ -19,7 +19,7 @@ import torch
 
 from interlayer.errors import UserError
 from interlayer.sae.base import SparseAutoencoder
-from interlayer.sae.formats.common import assemble, b_enc_without_input_bias, take
+from interlayer.sae.formats.common import assemble, b_enc_without_input_bias, checked_tensor
 
 PARAMS_FILE = "params.npz"
 ARRAYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -63,14 +63,16 @@ def read_gemmascope(folder: Path, hub_path: str = "") -> SparseAutoencoder:
             f"{file}: W_enc must be 2-dimensional [d, F], got shape {tuple(arrays['W_enc'].shape)}"
         )
     d, F = arrays["W_enc"].shape
-    W_enc_FD = take(arrays, "W_enc", (d, F), file).T.contiguous()
-    b_dec_D = take(arrays, "b_dec", (d,), file)
+    W_enc_FD = checked_tensor(arrays, "W_enc", (d, F), file).T.contiguous()
+    b_dec_D = checked_tensor(arrays, "b_dec", (d,), file)
     tensors = {
         "W_enc": W_enc_FD,
-        "b_enc": b_enc_without_input_bias(W_enc_FD, take(arrays, "b_enc", (F,), file), b_dec_D),
-        "W_dec": take(arrays, "W_dec", (F, d), file),
+        "b_enc": b_enc_without_input_bias(W_enc_FD, checked_tensor(arrays, "b_enc", (F,), file), b_dec_D),
+        "W_dec": checked_tensor(arrays, "W_dec", (F, d), file),
         "b_dec": b_dec_D,
-        "threshold": take(arrays, "threshold", (F,), file).clamp_min(0),  # θ < 0 acts as 0 under the ReLU
+        "threshold": checked_tensor(arrays, "threshold", (F,), file).clamp_min(
+            0
+        ),  # θ < 0 acts as 0 under the ReLU
     }
     if "transcoder" in (hub_path or str(folder)):
         raise UserError(

@@ -36,7 +36,7 @@ from interlayer import __version__
 from interlayer.atomic import read_json_object, read_tensors, write_json, write_tensors
 from interlayer.errors import UserError
 from interlayer.sae.base import SparseAutoencoder
-from interlayer.sae.formats.common import assemble, b_enc_without_input_bias, config_int, take
+from interlayer.sae.formats.common import assemble, b_enc_without_input_bias, checked_tensor, config_int
 from interlayer.sae.formats.hooks import saelens_hook, site_from_saelens
 
 CFG_FILE = "cfg.json"
@@ -44,7 +44,7 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 SCALER_FILE = "activation_scaler.json"
 READS = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
 """SAELens architectures this module reads."""
-SAME_AT_INFERENCE = ("none", "expected_average_only_in")
+NORMALISATIONS_READ_AS_IS = ("none", "expected_average_only_in")
 
 
 def is_saelens(folder: Path, cfg: dict[str, Any] | None) -> bool:
@@ -83,7 +83,7 @@ def read_saelens(folder: Path) -> SparseAutoencoder:
             f"({', '.join(READS)})"
         )
     norm = cfg.get("normalize_activations", "none")
-    if norm not in SAME_AT_INFERENCE:
+    if norm not in NORMALISATIONS_READ_AS_IS:
         raise UserError(
             f"{cfg_file}: normalize_activations {norm!r} rescales each input by its own statistics, which "
             "interlayer's SAEs do not do; fold it into the activations first"
@@ -92,13 +92,13 @@ def read_saelens(folder: Path) -> SparseAutoencoder:
         raise UserError(f"{cfg_file}: unknown reshape_activations {cfg['reshape_activations']!r}")
     d, F = config_int(cfg, "d_in", cfg_file), config_int(cfg, "d_sae", cfg_file)
     raw = read_tensors(weights_file, "SAELens weights")
-    W_enc_FD = take(raw, "W_enc", (d, F), weights_file).T.contiguous()
-    b_enc_F = take(raw, "b_enc", (F,), weights_file)
-    W_dec_FD = take(raw, "W_dec", (F, d), weights_file)
-    b_dec_D = take(raw, "b_dec", (d,), weights_file)
+    W_enc_FD = checked_tensor(raw, "W_enc", (d, F), weights_file).T.contiguous()
+    b_enc_F = checked_tensor(raw, "b_enc", (F,), weights_file)
+    W_dec_FD = checked_tensor(raw, "W_dec", (F, d), weights_file)
+    b_dec_D = checked_tensor(raw, "b_dec", (d,), weights_file)
     for name in ("scaling_factor", "finetuning_scaling_factor"):
         if name in raw:
-            W_dec_FD = W_dec_FD * take(raw, name, (F,), weights_file)[:, None]
+            W_dec_FD = W_dec_FD * checked_tensor(raw, name, (F,), weights_file)[:, None]
     if not cfg.get("apply_b_dec_to_input", True):
         b_enc_F = b_enc_without_input_bias(W_enc_FD, b_enc_F, b_dec_D)
     if cfg.get("rescale_acts_by_decoder_norm", False):
@@ -125,9 +125,9 @@ def read_saelens(folder: Path) -> SparseAutoencoder:
     if architecture == "topk":
         return assemble("topk", tensors, weights_file, k=config_int(cfg, "k", cfg_file), **fields)
     if architecture == "jumprelu":
-        tensors["threshold"] = take(raw, "threshold", (F,), weights_file).clamp_min(0)
+        tensors["threshold"] = checked_tensor(raw, "threshold", (F,), weights_file).clamp_min(0)
         return assemble("jumprelu", tensors, weights_file, **fields)
-    tensors["threshold"] = take(raw, "topk_threshold", (), weights_file)
+    tensors["threshold"] = checked_tensor(raw, "topk_threshold", (), weights_file)
     return assemble("batchtopk", tensors, weights_file, k=config_int(cfg, "k", cfg_file), **fields)
 
 
@@ -146,7 +146,7 @@ def _stored_scaling_factor(folder: Path) -> float | None:
 
 def write_saelens(sae: SparseAutoencoder, folder: Path) -> Path:
     """Write ``sae`` as a SAELens 6 folder (weights first, then the config; both atomic)."""
-    architecture, extra, threshold_F = saelens_form(sae)
+    architecture, extra, threshold_F = saelens_equivalent(sae)
     cfg = sae.cfg
     tensors = {
         "W_enc": sae.encoder_weight().detach().T,
@@ -182,7 +182,7 @@ def write_saelens(sae: SparseAutoencoder, folder: Path) -> Path:
     return folder
 
 
-def saelens_form(sae: SparseAutoencoder) -> tuple[str, dict[str, Any], torch.Tensor | None]:
+def saelens_equivalent(sae: SparseAutoencoder) -> tuple[str, dict[str, Any], torch.Tensor | None]:
     """(SAELens architecture, its extra config keys, threshold [F] or None) computing the same codes as ``sae``."""
     arch, F = sae.cfg.architecture, sae.cfg.latents
     if arch == "relu":

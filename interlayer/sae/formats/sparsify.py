@@ -17,7 +17,7 @@ from typing import Any
 from interlayer.atomic import read_json_object, read_tensors, write_json, write_tensors
 from interlayer.errors import UserError
 from interlayer.sae.base import SparseAutoencoder
-from interlayer.sae.formats.common import assemble, config_int, take
+from interlayer.sae.formats.common import assemble, checked_tensor, config_int
 from interlayer.sae.formats.hooks import site_from_module
 
 CFG_FILE = "cfg.json"
@@ -51,10 +51,10 @@ def read_sparsify(folder: Path) -> SparseAutoencoder:
     F = config_int({"num_latents": F}, "num_latents", cfg_file)
     raw = read_tensors(weights_file, "sparsify weights")
     tensors = {
-        "W_enc": take(raw, "encoder.weight", (F, d), weights_file),
-        "b_enc": take(raw, "encoder.bias", (F,), weights_file),
-        "W_dec": take(raw, "W_dec", (F, d), weights_file),
-        "b_dec": take(raw, "b_dec", (d,), weights_file),
+        "W_enc": checked_tensor(raw, "encoder.weight", (F, d), weights_file),
+        "b_enc": checked_tensor(raw, "encoder.bias", (F,), weights_file),
+        "W_dec": checked_tensor(raw, "W_dec", (F, d), weights_file),
+        "b_dec": checked_tensor(raw, "b_dec", (d,), weights_file),
     }
     hookpoint = folder.resolve().name
     return assemble(
