@@ -36,6 +36,31 @@ from interlayer.sae.trainer import TrainConfig
 sae_app = typer.Typer(help="Sparse autoencoders: train and evaluate.", no_args_is_help=True)
 
 T = TrainConfig  # defaults below are read from the dataclass, never restated
+
+# The training flags `sae train` and `sae boost` share (defaults from TrainConfig at each use).
+TokensOpt = Annotated[int, typer.Option("--tokens", help="Training tokens per SAE.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Tokens per optimiser step.")]
+LrOpt = Annotated[
+    float | None,
+    typer.Option("--lr", help="Peak Adam lr; default 4e-3·(F/2^14)^(-1/4), F the trained latents."),
+]
+LrDecayOpt = Annotated[
+    float, typer.Option("--lr-decay-fraction", help="Final fraction of steps over which lr decays to 0.")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seeds initialisation and data order.")]
+AuxAlphaOpt = Annotated[float, typer.Option("--aux-alpha", help="Weight of the AuxK loss.")]
+KAuxOpt = Annotated[
+    int | None, typer.Option("--k-aux", help="Dead latents AuxK uses per token; default d/2.")
+]
+DeadTokensOpt = Annotated[
+    int, typer.Option("--dead-tokens", help="Tokens without firing before AuxK treats a latent as inactive.")
+]
+NormaliseOpt = Annotated[
+    bool, typer.Option("--normalise/--no-normalise", help="Scale inputs to E‖x‖² = d in training.")
+]
+CheckpointOpt = Annotated[
+    float, typer.Option("--checkpoint-seconds", help="Min seconds between checkpoints.")
+]
 OWN_COMMANDS = {"boosted": "interlayer sae boost"}
 """Architectures that ``sae train`` does not train, and the command that does."""
 ARCHITECTURE_OPTIONS = sorted(
@@ -113,31 +138,16 @@ def sae_train(
         Path | None,
         typer.Option("--activations", help="Train from this activation cache instead of a model."),
     ] = None,
-    tokens: Annotated[int, typer.Option("--tokens", help="Training tokens per SAE.")] = T.tokens,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Tokens per optimiser step.")
-    ] = T.batch_size,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help="Peak Adam lr; default 4e-3·(F/2^14)^(-1/4).")
-    ] = T.lr,
-    lr_decay_fraction: Annotated[
-        float, typer.Option("--lr-decay-fraction", help="Final fraction of steps over which lr decays to 0.")
-    ] = T.lr_decay_fraction,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds initialisation and data order.")] = T.seed,
-    aux_alpha: Annotated[float, typer.Option("--aux-alpha", help="Weight of the AuxK loss.")] = T.aux_alpha,
-    k_aux: Annotated[
-        int | None, typer.Option("--k-aux", help="Dead latents AuxK uses per token; default d/2.")
-    ] = T.k_aux,
-    dead_tokens: Annotated[
-        int,
-        typer.Option("--dead-tokens", help="Tokens without firing before AuxK treats a latent as inactive."),
-    ] = T.dead_tokens,
-    normalise: Annotated[
-        bool, typer.Option("--normalise/--no-normalise", help="Scale inputs to E‖x‖² = d in training.")
-    ] = T.normalise,
-    checkpoint_seconds: Annotated[
-        float, typer.Option("--checkpoint-seconds", help="Min seconds between checkpoints.")
-    ] = T.checkpoint_seconds,
+    tokens: TokensOpt = T.tokens,
+    batch_size: BatchOpt = T.batch_size,
+    lr: LrOpt = T.lr,
+    lr_decay_fraction: LrDecayOpt = T.lr_decay_fraction,
+    seed: SeedOpt = T.seed,
+    aux_alpha: AuxAlphaOpt = T.aux_alpha,
+    k_aux: KAuxOpt = T.k_aux,
+    dead_tokens: DeadTokensOpt = T.dead_tokens,
+    normalise: NormaliseOpt = T.normalise,
+    checkpoint_seconds: CheckpointOpt = T.checkpoint_seconds,
     outlier_norm: OutlierOpt = T.outlier_norm,
     context_len: ContextOpt = ChunkPlan.context_len,
     model_batch_size: ModelBatchOpt = ChunkPlan.batch_size,
@@ -349,31 +359,16 @@ def sae_boost(
         str | None, typer.Option("--model", help="Default: the model in the base's cfg.json.")
     ] = None,
     site: Annotated[str | None, typer.Option("--site", help="Default: the base's site.")] = None,
-    tokens: Annotated[int, typer.Option("--tokens", help="Training tokens.")] = T.tokens,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Tokens per optimiser step.")
-    ] = T.batch_size,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help="Peak Adam lr; default 4e-3·(F/2^14)^(-1/4), F = --latents.")
-    ] = T.lr,
-    lr_decay_fraction: Annotated[
-        float, typer.Option("--lr-decay-fraction", help="Final fraction of steps over which lr decays to 0.")
-    ] = T.lr_decay_fraction,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds initialisation and data order.")] = T.seed,
-    aux_alpha: Annotated[float, typer.Option("--aux-alpha", help="Weight of the AuxK loss.")] = T.aux_alpha,
-    k_aux: Annotated[
-        int | None, typer.Option("--k-aux", help="Dead latents AuxK uses per token; default d/2.")
-    ] = T.k_aux,
-    dead_tokens: Annotated[
-        int,
-        typer.Option("--dead-tokens", help="Tokens without firing before AuxK treats a latent as inactive."),
-    ] = T.dead_tokens,
-    normalise: Annotated[
-        bool, typer.Option("--normalise/--no-normalise", help="Scale inputs to E‖x‖² = d in training.")
-    ] = T.normalise,
-    checkpoint_seconds: Annotated[
-        float, typer.Option("--checkpoint-seconds", help="Min seconds between checkpoints.")
-    ] = T.checkpoint_seconds,
+    tokens: TokensOpt = T.tokens,
+    batch_size: BatchOpt = T.batch_size,
+    lr: LrOpt = T.lr,
+    lr_decay_fraction: LrDecayOpt = T.lr_decay_fraction,
+    seed: SeedOpt = T.seed,
+    aux_alpha: AuxAlphaOpt = T.aux_alpha,
+    k_aux: KAuxOpt = T.k_aux,
+    dead_tokens: DeadTokensOpt = T.dead_tokens,
+    normalise: NormaliseOpt = T.normalise,
+    checkpoint_seconds: CheckpointOpt = T.checkpoint_seconds,
     outlier_norm: OutlierOpt = T.outlier_norm,
     context_len: ContextOpt = ChunkPlan.context_len,
     model_batch_size: ModelBatchOpt = ChunkPlan.batch_size,
