@@ -344,15 +344,23 @@ def sae_boost(
             "--base", help="The base SAE: any SAE load_sae reads (a boosted one stacks a residual)."
         ),
     ],
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data", help="The domain's text: local file/folder, HF dataset id, stdlib:docs or stdlib:code."
-        ),
-    ],
     out: Annotated[
         Path, typer.Option("--out", help="Run folder: <out>/<site>/ holds the boosted SAE (rerun to resume).")
     ],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="The domain's text: local file/folder, HF dataset id, stdlib:docs or stdlib:code "
+            "(with --activations: the cache's own).",
+        ),
+    ] = None,
+    activations: Annotated[
+        Path | None,
+        typer.Option(
+            "--activations", help="Train from this activation cache of the domain instead of a model."
+        ),
+    ] = None,
     latents: Annotated[int, typer.Option("--latents", help="Residual dictionary size.")] = 1024,
     k: Annotated[int, typer.Option("--k", help="Residual active latents per token.")] = 5,
     model: Annotated[
@@ -380,6 +388,7 @@ def sae_boost(
 ) -> None:
     """SAE Boost: train a residual SAE on the base SAE's error on a domain; saves base + residual as one SAE."""
     given = dict(locals())
+    from interlayer.activations import ActivationCache
     from interlayer.sae.boosted import boost_config
     from interlayer.sae.io import load_sae
     from interlayer.sae.training_run import train_from_source
@@ -399,14 +408,21 @@ def sae_boost(
     site = site or base_site
     if not site:
         raise UserError("the base SAE names no site; pass --site")
-    model = model or base_sae.cfg.model
-    if not model:
-        raise UserError("the base SAE names no model; pass --model")
-    template = boost_config(base_sae, base, latents, k, data)
     plan = ChunkPlan(context_len, model_batch_size, chunk_batches, mix_chunks)
-    source = activation_source(
-        model=model, sites=site, data=data, plan=plan, device=device, dtype=dtype, seed=seed
-    )
+    if activations is not None:  # the cache says which model and text its activations came from
+        source = activation_source(sites=site, activations=activations, plan=plan, seed=seed)
+        model = source.model
+        data = data or str(ActivationCache(activations).manifest.get("data", ""))
+    else:
+        model = model or base_sae.cfg.model
+        if not model:
+            raise UserError("the base SAE names no model; pass --model")
+        if data is None:
+            raise UserError("pass --data, the domain's text (or --activations, a cache of it)")
+        source = activation_source(
+            model=model, sites=site, data=data, plan=plan, device=device, dtype=dtype, seed=seed
+        )
+    template = boost_config(base_sae, base, latents, k, data or "")
     if len(source.sites) != 1:
         raise UserError(f"--site must name one site, but {site!r} matches {len(source.sites)}")
     if source.width != template.d_in:

@@ -609,3 +609,35 @@ def test_boost_has_every_training_flag_with_its_default() -> None:
     for f in fields(TrainConfig):
         assert params[f.name].default == f.default, f"--{f.name.replace('_', '-')}"
     assert params["latents"].default == 1024 and params["k"].default == 5  # the paper's residual defaults
+
+
+def test_boost_from_an_activation_cache_equals_boost_from_the_model(
+    tiny_models: dict[str, Path], domain_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--activations`` trains on a cache of the domain; its chunks mix as the model's do, so the residual is
+    the one the model run trains, and the cache names the model and the text."""
+    model = tiny_models["llama"]
+    base_sae = build_sae(make_config("topk", d_in=32, latents=64, k=4, site="layers.1", model=str(model)))
+    base_sae.initialise_(torch.Generator().manual_seed(0))
+    save_sae(base_sae, tmp_path / "base")
+    code, _out, err = run_cli(boost_args(tmp_path / "base", domain_corpus, tmp_path / "from-model"), capsys)
+    assert code == 0, err
+    cache = [
+        "activations", "cache", "--model", str(model), "--sites", "layers.1", "--data", str(domain_corpus),
+        "--tokens", "4000", "--context-len", "32", "--model-batch-size", "8", "--chunk-batches", "2",
+        "--out", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    code, _out, err = run_cli(cache, capsys)
+    assert code == 0, err
+    args = boost_args(tmp_path / "base", domain_corpus, tmp_path / "from-cache")
+    args = args[: args.index("--data")] + args[args.index("--data") + 2 :]  # the cache names its text
+    code, _out, err = run_cli([*args, "--activations", str(tmp_path / "cache")], capsys)
+    assert code == 0, err
+    want, got = load_sae(tmp_path / "from-model" / "layers.1"), load_sae(tmp_path / "from-cache" / "layers.1")
+    assert got.cfg.residual_data == (str(domain_corpus),) and got.cfg.model == str(model)
+    for name, tensor in want.file_tensors().items():
+        torch.testing.assert_close(got.file_tensors()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    code, _out, err = run_cli(
+        args[:2] + ["--base", str(tmp_path / "base"), "--out", str(tmp_path / "x")], capsys
+    )
+    assert code == 2 and "pass --data" in err
