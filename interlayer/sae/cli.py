@@ -242,6 +242,12 @@ def sae_eval(
         ),
     ],
     model: Annotated[str | None, typer.Option("--model", help="Default: the model in cfg.json.")] = None,
+    site: Annotated[
+        str | None,
+        typer.Option(
+            "--site", help="Evaluate one SAE at this site (default: its own; for a foreign hook name)."
+        ),
+    ] = None,
     data: Annotated[
         str | None,
         typer.Option("--data", help="Evaluation text; default: the run's own --data (else stdlib:docs)."),
@@ -268,6 +274,10 @@ def sae_eval(
 
     check_outlier_norm(outlier_norm)
     saes = load_saes(sae, device=pick_device(device))
+    if site is not None:
+        if len(saes) != 1:
+            raise UserError(f"--site names the site of one SAE, but {sae} holds {len(saes)}")
+        saes = {site: next(iter(saes.values()))}
     budgets: list[int | None] = list(_int_list(k_eval, "--k-eval") or ()) or [None]
     for k in budgets:
         for loaded in saes.values():

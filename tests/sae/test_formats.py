@@ -21,7 +21,7 @@ from interlayer.sae.formats.hub import SAE_FILES, parse_hub_path
 from interlayer.sae.io import load_saes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_cli import assert_user_error, run_cli  # noqa: E402
+from test_cli import TEXT, assert_user_error, run_cli  # noqa: E402
 
 D, F = 8, 32
 OPTIONS = {
@@ -349,3 +349,24 @@ def test_ae_pt_with_pickled_objects_is_refused_unread(tmp_path: Path, capsys) ->
 def test_nothing_there_is_one_line(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert_user_error(_load_via_export(tmp_path / "empty", capsys), "no SAE found at")
+
+
+def test_eval_site_places_an_sae_whose_hook_has_no_site(tiny_models, tmp_path: Path, capsys) -> None:
+    """A SAELens SAE on ``hook_z`` gets no interlayer site; ``sae eval --site`` says where it reads."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"doc{i}.txt").write_text(f"Document {i}. " + TEXT * 3)
+    sae = build_sae(make_config("relu", d_in=32, latents=16, site="layers.1"))
+    sae.initialise_(torch.Generator().manual_seed(0))
+    write_as(sae, "saelens", tmp_path / "sl")
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = "blocks.1.attn.hook_z"
+    (tmp_path / "sl" / "cfg.json").write_text(json.dumps(cfg))
+    args = ["sae", "eval", "--sae", str(tmp_path / "sl"), "--model", str(tiny_models["llama"])]
+    args += ["--data", str(corpus), "--tokens", "50", "--context-len", "32", "--json"]
+    assert_user_error(run_cli(args, capsys), "blocks.1.attn.hook_z")  # an unknown site, with the valid ones
+    code, out, err = run_cli([*args, "--site", "layers.1"], capsys)
+    assert code == 0, err
+    metrics = json.loads(out.strip().splitlines()[-1])["sites"]["layers.1"]
+    assert metrics["tokens"] >= 50 and 0 < metrics["l0"] <= 16
