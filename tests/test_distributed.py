@@ -155,6 +155,34 @@ def test_cli_under_torchrun_matches_one_process(
     assert_same_saes(saes_of(tmp_path / "shared", sites), saes_of(tmp_path / "alone", sites), atol)
 
 
+def test_boost_under_torchrun_matches_one_process(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sae boost`` shares each batch between the processes (``--distribute data``, its default): the same
+    residual as one process, up to float summation order; the frozen base is bit-identical."""
+    from interlayer.sae import build_sae, make_config, save_sae
+
+    base = build_sae(
+        make_config("topk", d_in=32, latents=64, k=4, site="layers.1", model=str(tiny_models["llama"]))
+    )
+    base.initialise_(torch.Generator().manual_seed(0))
+    save_sae(base, tmp_path / "base")
+    args = [
+        "sae", "boost", "--base", str(tmp_path / "base"), "--data", "stdlib:code", "--latents", "16", "--k", "2",
+        "--tokens", "1024", "--batch-size", "128", "--context-len", "32", "--model-batch-size", "8",
+        "--chunk-batches", "3", "--checkpoint-seconds", "0", "--json",
+    ]  # fmt: skip
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "alone")], capsys)
+    assert code == 0, err
+    result = torchrun("-m", "interlayer", *args, "--out", str(tmp_path / "shared"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len([line for line in result.stdout.splitlines() if line.startswith("{")]) == 1  # rank 0 reports
+    shared, alone = saes_of(tmp_path / "shared", ["layers.1"]), saes_of(tmp_path / "alone", ["layers.1"])
+    assert_same_saes(shared, alone, atol=1e-4)
+    for name, tensor in base.file_tensors().items():
+        assert torch.equal(shared["layers.1"][f"base.{name}"], tensor), name
+
+
 def test_bad_distribution_settings_are_user_errors() -> None:
     with pytest.raises(UserError, match="unknown --distribute 'layers'"):
         check_mode("layers", 128, 2)

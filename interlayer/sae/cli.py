@@ -58,6 +58,14 @@ DeadTokensOpt = Annotated[
 NormaliseOpt = Annotated[
     bool, typer.Option("--normalise/--no-normalise", help="Scale inputs to E‖x‖² = d in training.")
 ]
+DistributeOpt = Annotated[
+    str,
+    typer.Option(
+        "--distribute",
+        help="Under torchrun: 'sites' (each process trains a block of sites) or 'data' "
+        "(each trains every SAE on its share of each batch).",
+    ),
+]
 CheckpointOpt = Annotated[
     float, typer.Option("--checkpoint-seconds", help="Min seconds between checkpoints.")
 ]
@@ -155,14 +163,7 @@ def sae_train(
     mix_chunks: MixOpt = ChunkPlan.mix_chunks,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
-    distribute: Annotated[
-        str,
-        typer.Option(
-            "--distribute",
-            help="Under torchrun: 'sites' (each process trains a block of sites) or 'data' "
-            "(each trains every SAE on its share of each batch).",
-        ),
-    ] = "sites",
+    distribute: DistributeOpt = "sites",
     as_json: JsonOpt = False,
 ) -> None:
     """Train one SAE per site from one model forward (or from an activation cache)."""
@@ -394,17 +395,23 @@ def sae_boost(
     mix_chunks: MixOpt = ChunkPlan.mix_chunks,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    distribute: DistributeOpt = "data",
     as_json: JsonOpt = False,
 ) -> None:
     """SAE Boost: train a residual SAE on the base SAE's error on a domain; saves base + residual as one SAE."""
     given = dict(locals())
     from interlayer.activations import ActivationCache
+    from interlayer.distributed import process_group, rank_device
     from interlayer.sae.boosted import boost_config
     from interlayer.sae.io import load_sae
     from interlayer.sae.training_run import train_from_source
     from interlayer.sources import activation_source
 
     train_cfg = TrainConfig(**{f.name: given[f.name] for f in fields(TrainConfig)})
+    group = process_group(
+        device
+    )  # under torchrun the processes share each batch (one site: --distribute data)
+    device = rank_device(device)
     base_sae = load_sae(base)
     base_site = base_sae.cfg.site
     unmapped = (
@@ -440,7 +447,7 @@ def sae_boost(
             f"a residual for a base of another width: the base SAE reads width {template.d_in} but site "
             f"{source.sites[0]} of {model} has width {source.width}; pass the base's model with --model"
         )
-    with progress_bar("training a residual SAE", train_cfg.steps) as bar:
+    with progress_bar("training a residual SAE", train_cfg.steps, visible=group.is_main) as bar:
         metrics = train_from_source(
             out,
             source,
@@ -448,7 +455,11 @@ def sae_boost(
             train_cfg,
             device=device,
             on_step=lambda step, s: bar.show(step, _status(s)),
+            group=group,
+            distribute=distribute,
         )
+    if not group.is_main:
+        return
     if not as_json:
         rows = [{"site": s, **values} for s, values in metrics["sites"].items()]
         print_table(f"boosted SAE in {out}", rows)
