@@ -94,7 +94,7 @@ def _load_own(folder: Path) -> SparseAutoencoder:
     tensors = read_tensors(folder / WEIGHTS_FILE, "SAE weights")
     sae = build_sae(cfg)
     for name, want in sae.file_tensors().items():  # every shape against cfg.json, naming file and dimension
-        checked_tensor(tensors, name, tuple(want.shape), folder / WEIGHTS_FILE)
+        checked_tensor(tensors, name, tuple(want.shape), folder / WEIGHTS_FILE, implied_by="cfg.json")
     try:
         sae.load_file_tensors_(tensors)
     except UserError as exc:

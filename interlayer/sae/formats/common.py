@@ -19,7 +19,11 @@ from interlayer.sae.base import SparseAutoencoder
 
 
 def checked_tensor(
-    tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], file: Path
+    tensors: dict[str, torch.Tensor],
+    name: str,
+    shape: tuple[int, ...],
+    file: Path,
+    implied_by: str = "the config",
 ) -> torch.Tensor:
     """``tensors[name]`` as float32 after checking it is there and has ``shape`` (a :class:`UserError` naming
     the file, the tensor and the first differing dimension otherwise)."""
@@ -31,7 +35,7 @@ def checked_tensor(
     if tuple(got.shape) != shape:
         dims = [d for d in range(max(got.dim(), len(shape))) if got.shape[d : d + 1] != shape[d : d + 1]]
         raise UserError(
-            f"{file}: tensor {name!r} has shape {tuple(got.shape)} but the config implies {shape} "
+            f"{file}: tensor {name!r} has shape {tuple(got.shape)} but {implied_by} implies {shape} "
             f"(dimension {dims[0]} differs)"
         )
     if not got.is_floating_point():
