@@ -164,6 +164,17 @@ class BoostedSAE(SparseAutoencoder):
         """The stitched dictionary [F, d]: the base's rows, then each residual's."""
         return torch.cat([self.base.W_dec_FD, *(r.W_dec_FD for r in self.residual_saes)])
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """x̂ = W_decᵀ z + b_dec with the stitched dictionary, decoded part by part (no [F, d] copy is built)."""
+        z_BF = self._flatten(z, self.cfg.latents, "dictionary")
+        parts = [self.base.W_dec_FD, *(r.W_dec_FD for r in self.residual_saes)]
+        x_hat_BD = self.b_dec_D.expand(z_BF.shape[0], -1)
+        start = 0
+        for W_dec_FD in parts:
+            x_hat_BD = x_hat_BD + z_BF[:, start : start + W_dec_FD.shape[0]] @ W_dec_FD
+            start += W_dec_FD.shape[0]
+        return x_hat_BD.reshape(*z.shape[:-1], self.cfg.d_in).to(z.dtype)
+
     @property
     def b_dec_D(self) -> torch.Tensor:  # type: ignore[override]
         """The base's decoder bias (residuals have none)."""
