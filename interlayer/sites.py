@@ -11,17 +11,35 @@ Site names (a contract users type):
 
 Resolution is structural, not a table per model family: the blocks are the ``nn.ModuleList`` whose length
 is ``config.num_hidden_layers``; inside a block the attention is the child whose name contains ``attn`` or
-``attention`` and the MLP the child named ``mlp``/``feed_forward``/``ffn``. Two layouts need one extra rule
-each. Sandwich-norm blocks (Gemma 2/3: a ``pre_feedforward_layernorm`` child) normalise module outputs
-before the residual add, so their sites are ``post_attention_layernorm`` and ``post_feedforward_layernorm``.
-Post-LN encoders (BERT family) fold the residual add and LayerNorm into an ``output`` submodule, so their
-sites are the projections ``attention.output.dense`` and ``output.dense``.
+``attention`` (not a norm or dropout) and the MLP the child named ``mlp``/``feed_forward``/``ffn``. A module
+site is always the tensor the block adds to the residual stream, so that in every pre-norm, parallel or
+sandwich block ``layers.N == layers.N-1 + layers.N.attn + layers.N.mlp`` (``layers.-1`` being ``embed``).
+Four layouts need one extra rule each, checked in this order:
+
+- Post-norms on the module outputs (a ``post_feedforward_layernorm`` child: Gemma 2/3 sandwich blocks, OLMo 2)
+  normalise each module's output before the residual add, so the sites are the norms
+  ``post_attention_layernorm`` and ``post_feedforward_layernorm``.
+- Post-LN encoders (BERT family: an attention with an ``output.dense`` submodule) fold the residual add and
+  LayerNorm into an ``output`` submodule, so their sites are the projections ``attention.output.dense`` and
+  ``output.dense``. These blocks normalise after the add: the identity above does not hold for them.
+- A module whose ``forward`` takes a ``residual`` argument adds the residual inside (BLOOM), so its site is its
+  last ``nn.Linear`` child projecting to the model width (``self_attention.dense``, ``mlp.dense_4h_to_h``),
+  whose output is exactly the module's contribution.
+- A block with no MLP child (OPT) has its MLP output in its last direct ``nn.Linear`` child projecting to the
+  model width (``fc2``). Such a block may run it on tokens flattened to [batch·tokens, width]; the site's value
+  is still handed over (and must be returned) as [batch, tokens, width] (:attr:`Site.flattened`).
+
+Captured values are copies: a model that later updates a module output in place (Falcon's parallel block runs
+``mlp_output += attention_output``) cannot change them. Likewise the value a splice function returns is copied
+before the model sees it, so such in-place updates never reach the caller's tensors.
 
 Hooks never outlive their context manager: they are removed in ``finally`` even when the body raises.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -51,6 +69,10 @@ class Site:
     """The size of the last dimension."""
     is_block_input: bool = False
     """True for ``embed``: hooked as the input of block 0 rather than a module output."""
+    flattened: bool = False
+    """True for a projection that its block may call on tokens flattened to [batch·tokens, width] (OPT's
+    ``fc2``): the block's input shape is recorded by a pre-hook on the block, and the value is viewed as
+    [batch, tokens, width] for capture and splice."""
 
 
 def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -67,23 +89,55 @@ def _child_path(block: nn.Module, want: Callable[[str], bool]) -> str | None:
     return next((name for name, _ in block.named_children() if want(name.lower())), None)
 
 
-def _module_sites(block: nn.Module) -> dict[str, str]:
-    """Relative paths of the ``attn`` and ``mlp`` sites inside one block (either may be missing)."""
+def _adds_residual_inside(module: nn.Module) -> bool:
+    """True when ``module.forward`` takes the residual and adds it itself (BLOOM's attention and MLP)."""
+    return "residual" in inspect.signature(module.forward).parameters
+
+
+def _last_projection(module: nn.Module, width: int) -> str | None:
+    """The name of the last direct ``nn.Linear`` child of ``module`` with ``width`` outputs, if any."""
+    names = [n for n, c in module.named_children() if isinstance(c, nn.Linear) and c.out_features == width]
+    return names[-1] if names else None
+
+
+def _module_site(block: nn.Module, child: str, width: int) -> str:
+    """The site inside the module ``child`` of ``block``: the module itself, or, where the module adds the
+    residual inside, its output projection."""
+    module = block.get_submodule(child)
+    if _adds_residual_inside(module):
+        projection = _last_projection(module, width)
+        if projection is None:
+            raise UserError(
+                f"{type(module).__name__} adds the residual inside but has no Linear child of width {width}; "
+                "its sites cannot be resolved"
+            )
+        return f"{child}.{projection}"
+    return child
+
+
+def _module_sites(block: nn.Module, width: int) -> dict[str, tuple[str, bool]]:
+    """Relative paths of the ``attn`` and ``mlp`` sites inside one block, each with its
+    :attr:`Site.flattened` flag (either site may be missing)."""
     children = dict(block.named_children())
-    if "pre_feedforward_layernorm" in children and "post_feedforward_layernorm" in children:
-        return {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
-    found: dict[str, str] = {}
+    if "post_feedforward_layernorm" in children and "post_attention_layernorm" in children:
+        return {"attn": ("post_attention_layernorm", False), "mlp": ("post_feedforward_layernorm", False)}
+    found: dict[str, tuple[str, bool]] = {}
     attn = _child_path(
         block, lambda n: any(w in n for w in _ATTN_WORDS) and "norm" not in n and "dropout" not in n
     )
     if attn is not None:
         inner = dict(children[attn].named_modules())
-        found["attn"] = f"{attn}.output.dense" if "output.dense" in inner else attn
+        found["attn"] = (
+            f"{attn}.output.dense" if "output.dense" in inner else _module_site(block, attn, width),
+            False,
+        )
     mlp = _child_path(block, lambda n: n in _MLP_NAMES)
     if mlp is not None:
-        found["mlp"] = mlp
+        found["mlp"] = (_module_site(block, mlp, width), False)
     elif "output" in children and hasattr(children["output"], "dense"):
-        found["mlp"] = "output.dense"
+        found["mlp"] = ("output.dense", False)
+    elif (projection := _last_projection(block, width)) is not None:
+        found["mlp"] = (projection, True)
     return found
 
 
@@ -94,8 +148,9 @@ def model_sites(model: nn.Module) -> dict[str, Site]:
     sites = {"embed": Site("embed", f"{blocks_path}.0", -1, width, is_block_input=True)}
     for index, block in enumerate(blocks):
         prefix = f"{blocks_path}.{index}"
-        for kind, rel in _module_sites(block).items():
-            sites[f"layers.{index}.{kind}"] = Site(f"layers.{index}.{kind}", f"{prefix}.{rel}", index, width)
+        for kind, (rel, flattened) in _module_sites(block, width).items():
+            name = f"layers.{index}.{kind}"
+            sites[name] = Site(name, f"{prefix}.{rel}", index, width, flattened=flattened)
         sites[f"layers.{index}"] = Site(f"layers.{index}", prefix, index, width)
     return sites
 
@@ -149,8 +204,10 @@ def _input_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
 
 def _register(
     model: nn.Module, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]
-) -> torch.utils.hooks.RemovableHandle:
-    """Hook ``fn`` on ``site``; when ``fn`` returns a tensor it replaces the site's value."""
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hook ``fn`` on ``site``; when ``fn`` returns a tensor it replaces the site's value. A
+    :attr:`Site.flattened` site takes one more hook, a pre-hook on its block that records the token shape.
+    Returns the handles in registration order."""
     module = model.get_submodule(site.module_path)
     if site.is_block_input:
 
@@ -162,13 +219,34 @@ def _register(
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
 
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return [module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+
+    handles = []
+    tokens_shape: list[torch.Size] = []  # [batch, tokens] of the block's current input (flattened sites)
+    if site.flattened:
+        block = model.get_submodule(site.module_path.rpartition(".")[0])
+
+        def shape_hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            tokens_shape[:] = [_input_hidden(args, kwargs).shape[:-1]]
+
+        handles.append(block.register_forward_pre_hook(shape_hook, with_kwargs=True))
 
     def hook(_m: nn.Module, _args: tuple, output: Any) -> Any:
-        new = fn(_main_tensor(output))
-        return None if new is None else _with_main_tensor(output, new)
+        value = _main_tensor(output)
+        flat = site.flattened and value.dim() == 2
+        if flat:
+            if not tokens_shape or math.prod(tokens_shape[0]) != value.shape[0]:
+                raise RuntimeError(
+                    f"site {site.name}: {value.shape[0]} flattened rows do not match the block input"
+                )
+            value = value.view(*tokens_shape[0], value.shape[-1])
+        new = fn(value)
+        if new is None:
+            return None
+        return _with_main_tensor(output, new.reshape(-1, new.shape[-1]) if flat else new)
 
-    return module.register_forward_hook(hook)
+    handles.append(module.register_forward_hook(hook))
+    return handles
 
 
 @contextmanager
@@ -179,7 +257,7 @@ def hooks(
     handles = []
     try:
         for site, fn in fns.items():
-            handles.append(_register(model, site, fn))
+            handles.extend(_register(model, site, fn))
         yield
     finally:
         for handle in handles:
@@ -188,7 +266,8 @@ def hooks(
 
 @contextmanager
 def capture(model: nn.Module, sites: Sequence[Site]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the (detached) value at each site during the forward passes run inside the block.
+    """Record a detached copy of the value at each site during the forward passes run inside the block
+    (a copy, so that in-place updates the model makes after the site cannot change it).
 
     >>> with capture(model, resolve_sites(model, "layers.*")) as acts:
     ...     model(**batch)
@@ -198,7 +277,7 @@ def capture(model: nn.Module, sites: Sequence[Site]) -> Iterator[dict[str, torch
 
     def recorder(name: str) -> Callable[[torch.Tensor], None]:
         def record(tensor: torch.Tensor) -> None:
-            acts[name] = tensor.detach()
+            acts[name] = tensor.detach().clone()
 
         return record
 
@@ -231,6 +310,15 @@ def replace_kept(
     return replace
 
 
+def _copied(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` whose result is copied, so that the model never holds (and updates in place) the caller's tensor."""
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        return fn(t).clone()
+
+    return copy
+
+
 @contextmanager
 def splice(
     model: nn.Module,
@@ -242,7 +330,8 @@ def splice(
     Without ``keep``, ``fn`` gets the site's whole [batch, tokens, d] tensor. With ``keep``, a bool
     [batch, tokens] mask (or a mapping from site name to such a mask; sites it does not name get the whole
     tensor), ``fn`` gets only the kept positions as an [n, d] float32 tensor and the others keep their value
-    (see :func:`replace_kept`):
+    (see :func:`replace_kept`). The value ``fn`` returns is copied before the model sees it, so a model that
+    updates the site's value in place (Falcon) never changes a tensor the caller holds:
 
     >>> keep = ~torch.isin(inputs["input_ids"], torch.tensor(tokenizer.all_special_ids))
     >>> with splice(model, {site: sae}, keep=keep):
@@ -251,7 +340,8 @@ def splice(
     fns: dict[Site, Callable[[torch.Tensor], torch.Tensor]] = {}
     for site, fn in replacements.items():
         mask = keep.get(site.name) if isinstance(keep, Mapping) else keep
-        fns[site] = fn if mask is None else replace_kept(mask, fn)
+        # replace_kept already returns a new tensor that only the model sees
+        fns[site] = _copied(fn) if mask is None else replace_kept(mask, fn)
     with hooks(model, fns):
         yield
 

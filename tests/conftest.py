@@ -63,6 +63,36 @@ def tiny_config(family: str, vocab: int) -> tuple[T.PretrainedConfig, type]:
         return T.Qwen2Config(**decoder_kw, **common), T.Qwen2ForCausalLM
     if family == "gemma2":
         return T.Gemma2Config(**decoder_kw, head_dim=8, **common), T.Gemma2ForCausalLM
+    ids = {"bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0}  # inside the MiniLM vocabulary
+    if family == "gemma3":  # sandwich norms, like Gemma 2
+        return T.Gemma3TextConfig(**decoder_kw, head_dim=8, **ids, **common), T.Gemma3ForCausalLM
+    if family == "olmo2":  # post-norms on the module outputs, no pre-norms
+        return T.Olmo2Config(**decoder_kw, **ids, **common), T.Olmo2ForCausalLM
+    if family == "qwen3":
+        return T.Qwen3Config(**decoder_kw, head_dim=8, **ids, **common), T.Qwen3ForCausalLM
+    if family == "mistral":
+        return T.MistralConfig(**decoder_kw, **ids, **common), T.MistralForCausalLM
+    if family == "phi3":  # residual dropouts named resid_attn_dropout / resid_mlp_dropout
+        return T.Phi3Config(**decoder_kw, **ids, **common), T.Phi3ForCausalLM
+    if family == "falcon":  # parallel block that updates the MLP output in place
+        cfg = T.FalconConfig(hidden_size=WIDTH, num_attention_heads=4, **ids, **common)
+        return cfg, T.FalconForCausalLM
+    if family == "bloom":  # attention and MLP modules add the residual inside
+        return T.BloomConfig(hidden_size=WIDTH, n_head=4, **ids, **common), T.BloomForCausalLM
+    if family == "opt":  # no MLP module: fc1/fc2 are children of the block, run on flattened tokens
+        cfg = T.OPTConfig(
+            hidden_size=WIDTH,
+            ffn_dim=64,
+            num_attention_heads=4,
+            word_embed_proj_dim=WIDTH,
+            max_position_embeddings=256,
+            **ids,
+            **common,
+        )
+        return cfg, T.OPTForCausalLM
+    if family == "gptj":  # parallel block
+        cfg = T.GPTJConfig(n_embd=WIDTH, n_head=4, rotary_dim=4, n_positions=256, **ids, **common)
+        return cfg, T.GPTJForCausalLM
     raise ValueError(family)
 
 
@@ -75,7 +105,23 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-FAMILIES = ("llama", "qwen2", "gemma2", "gpt2", "gpt_neox", "bert")
+FAMILIES = (
+    "llama",
+    "qwen2",
+    "gemma2",
+    "gpt2",
+    "gpt_neox",
+    "bert",
+    "gemma3",
+    "olmo2",
+    "qwen3",
+    "mistral",
+    "phi3",
+    "falcon",
+    "bloom",
+    "opt",
+    "gptj",
+)
 
 
 @pytest.fixture(scope="session")

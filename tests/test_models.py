@@ -11,7 +11,22 @@ import transformers
 from interlayer.errors import UserError
 from interlayer.models import DTYPES, load_model, minilm_path, resolve_model_source
 
-DECODERS = ("llama", "qwen2", "gemma2", "gpt2", "gpt_neox")
+DECODERS = (
+    "llama",
+    "qwen2",
+    "gemma2",
+    "gpt2",
+    "gpt_neox",
+    "gemma3",
+    "olmo2",
+    "qwen3",
+    "mistral",
+    "phi3",
+    "falcon",
+    "bloom",
+    "opt",
+    "gptj",
+)
 MODEL_CLASSES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -19,6 +34,15 @@ MODEL_CLASSES = {
     "gpt2": "GPT2LMHeadModel",
     "gpt_neox": "GPTNeoXForCausalLM",
     "bert": "BertModel",
+    "gemma3": "Gemma3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "falcon": "FalconForCausalLM",
+    "bloom": "BloomForCausalLM",
+    "opt": "OPTForCausalLM",
+    "gptj": "GPTJForCausalLM",
 }
 
 

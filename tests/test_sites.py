@@ -23,8 +23,23 @@ from interlayer.sites import (
     splice,
 )
 
-FAMILIES = ("llama", "qwen2", "gemma2", "gpt2", "gpt_neox", "bert")
-CAUSAL = ("llama", "qwen2", "gemma2", "gpt2", "gpt_neox")
+CAUSAL = (  # every decoder family of the fixtures (tests/conftest.py)
+    "llama",
+    "qwen2",
+    "gemma2",
+    "gpt2",
+    "gpt_neox",
+    "gemma3",
+    "olmo2",
+    "qwen3",
+    "mistral",
+    "phi3",
+    "falcon",
+    "bloom",
+    "opt",
+    "gptj",
+)
+FAMILIES = (*CAUSAL, "bert")
 ALL_NAMES = [
     "embed",
     *(f"layers.{n}{suffix}" for n in range(3) for suffix in (".attn", ".mlp", "")),
@@ -37,7 +52,18 @@ LAYOUT = {
     "gpt2": ("transformer.h", "attn", "mlp"),
     "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
     "bert": ("encoder.layer", "attention.output.dense", "output.dense"),
+    "gemma3": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+    "olmo2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+    "qwen3": ("model.layers", "self_attn", "mlp"),
+    "mistral": ("model.layers", "self_attn", "mlp"),
+    "phi3": ("model.layers", "self_attn", "mlp"),
+    "falcon": ("transformer.h", "self_attention", "mlp"),
+    "bloom": ("transformer.h", "self_attention.dense", "mlp.dense_4h_to_h"),
+    "opt": ("model.decoder.layers", "self_attn", "fc2"),
+    "gptj": ("transformer.h", "attn", "mlp"),
 }
+# Sites hooked on a projection that the block runs on tokens flattened to [batch*tokens, width].
+FLATTENED = {"opt": ("mlp",)}
 # The literal module paths of layer 1, written out rather than derived from LAYOUT.
 LAYER1_PATHS = {
     "llama": ("model.layers.1", "model.layers.1.self_attn", "model.layers.1.mlp"),
@@ -50,6 +76,23 @@ LAYER1_PATHS = {
     "gpt2": ("transformer.h.1", "transformer.h.1.attn", "transformer.h.1.mlp"),
     "gpt_neox": ("gpt_neox.layers.1", "gpt_neox.layers.1.attention", "gpt_neox.layers.1.mlp"),
     "bert": ("encoder.layer.1", "encoder.layer.1.attention.output.dense", "encoder.layer.1.output.dense"),
+    "gemma3": (
+        "model.layers.1",
+        "model.layers.1.post_attention_layernorm",
+        "model.layers.1.post_feedforward_layernorm",
+    ),
+    "olmo2": (
+        "model.layers.1",
+        "model.layers.1.post_attention_layernorm",
+        "model.layers.1.post_feedforward_layernorm",
+    ),
+    "qwen3": ("model.layers.1", "model.layers.1.self_attn", "model.layers.1.mlp"),
+    "mistral": ("model.layers.1", "model.layers.1.self_attn", "model.layers.1.mlp"),
+    "phi3": ("model.layers.1", "model.layers.1.self_attn", "model.layers.1.mlp"),
+    "falcon": ("transformer.h.1", "transformer.h.1.self_attention", "transformer.h.1.mlp"),
+    "bloom": ("transformer.h.1", "transformer.h.1.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h"),
+    "opt": ("model.decoder.layers.1", "model.decoder.layers.1.self_attn", "model.decoder.layers.1.fc2"),
+    "gptj": ("transformer.h.1", "transformer.h.1.attn", "transformer.h.1.mlp"),
 }
 # Class names of the modules behind layers.1 / layers.1.attn / layers.1.mlp.
 LAYER1_CLASSES = {
@@ -59,6 +102,15 @@ LAYER1_CLASSES = {
     "gpt2": ("GPT2Block", "GPT2Attention", "GPT2MLP"),
     "gpt_neox": ("GPTNeoXLayer", "GPTNeoXAttention", "GPTNeoXMLP"),
     "bert": ("BertLayer", "Linear", "Linear"),
+    "gemma3": ("Gemma3DecoderLayer", "Gemma3RMSNorm", "Gemma3RMSNorm"),
+    "olmo2": ("Olmo2DecoderLayer", "Olmo2RMSNorm", "Olmo2RMSNorm"),
+    "qwen3": ("Qwen3DecoderLayer", "Qwen3Attention", "Qwen3MLP"),
+    "mistral": ("MistralDecoderLayer", "MistralAttention", "MistralMLP"),
+    "phi3": ("Phi3DecoderLayer", "Phi3Attention", "Phi3MLP"),
+    "falcon": ("FalconDecoderLayer", "FalconAttention", "FalconMLP"),
+    "bloom": ("BloomBlock", "Linear", "Linear"),
+    "opt": ("OPTDecoderLayer", "OPTAttention", "Linear"),
+    "gptj": ("GPTJBlock", "GPTJAttention", "GPTJMLP"),
 }
 FINAL_NORM = {
     "llama": "model.norm",
@@ -66,6 +118,15 @@ FINAL_NORM = {
     "gemma2": "model.norm",
     "gpt2": "transformer.ln_f",
     "gpt_neox": "gpt_neox.final_layer_norm",
+    "gemma3": "model.norm",
+    "olmo2": "model.norm",
+    "qwen3": "model.norm",
+    "mistral": "model.norm",
+    "phi3": "model.norm",
+    "falcon": "transformer.ln_f",
+    "bloom": "transformer.ln_f",
+    "opt": "model.decoder.final_layer_norm",
+    "gptj": "transformer.ln_f",
 }
 
 
@@ -126,8 +187,13 @@ def test_site_names_and_module_paths(lms: dict[str, LoadedModel], family: str) -
     assert sites["embed"] == Site("embed", f"{blocks}.0", -1, 32, is_block_input=True)
     for n in range(3):
         assert sites[f"layers.{n}"] == Site(f"layers.{n}", f"{blocks}.{n}", n, 32)
-        assert sites[f"layers.{n}.attn"] == Site(f"layers.{n}.attn", f"{blocks}.{n}.{attn}", n, 32)
-        assert sites[f"layers.{n}.mlp"] == Site(f"layers.{n}.mlp", f"{blocks}.{n}.{mlp}", n, 32)
+        flat = FLATTENED.get(family, ())
+        assert sites[f"layers.{n}.attn"] == Site(
+            f"layers.{n}.attn", f"{blocks}.{n}.{attn}", n, 32, flattened="attn" in flat
+        )
+        assert sites[f"layers.{n}.mlp"] == Site(
+            f"layers.{n}.mlp", f"{blocks}.{n}.{mlp}", n, 32, flattened="mlp" in flat
+        )
     paths = tuple(sites[name].module_path for name in ("layers.1", "layers.1.attn", "layers.1.mlp"))
     assert paths == LAYER1_PATHS[family]
     classes = tuple(type(model.get_submodule(path)).__name__ for path in paths)
@@ -144,18 +210,27 @@ def test_gpt_neox_attn_is_the_attention_not_its_dropout(lms: dict[str, LoadedMod
 # ---------------------------------------------------------------- semantics
 
 
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
 @pytest.mark.parametrize("family", CAUSAL)
 def test_residual_is_sum_of_module_outputs(lms: dict[str, LoadedModel], family: str) -> None:
+    # The contract of the module sites: layers.N == layers.N-1 + layers.N.attn + layers.N.mlp (layers.-1 =
+    # embed) in pre-norm (Llama, Mistral, Qwen, Phi-3, OPT, BLOOM), parallel (GPT-J, GPT-NeoX, Falcon) and
+    # post-norm/sandwich (Gemma 2/3, OLMo 2) blocks alike.
     acts, _ = _capture_all(lms[family], _inputs())
     for n in range(3):
         before = acts["embed"] if n == 0 else acts[f"layers.{n - 1}"]
-        attn, mlp = acts[f"layers.{n}.attn"], acts[f"layers.{n}.mlp"]
+        attn, mlp, after = acts[f"layers.{n}.attn"], acts[f"layers.{n}.mlp"], acts[f"layers.{n}"]
         assert attn.shape == mlp.shape == before.shape == (2, 12, 32)
         # Both terms are substantial, so the identity is not satisfied by a vanishing module output.
         assert attn.abs().max() > 1e-3 and mlp.abs().max() > 1e-3
-        torch.testing.assert_close(acts[f"layers.{n}"], before + attn + mlp, atol=1e-5, rtol=0)
+        assert _relative_error(before + attn + mlp, after) <= 1e-5
+        torch.testing.assert_close(after, before + attn + mlp, atol=1e-5, rtol=0)
         # Dropping either term breaks it.
-        assert (acts[f"layers.{n}"] - before - attn).abs().max() > 1e-3
+        assert _relative_error(before + attn, after) > 1e-3  # BLOOM: 7e-3 (small init), against <= 1e-5
+        assert _relative_error(before + mlp, after) > 1e-3
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -340,13 +415,59 @@ def test_patching_the_residual_reproduces_the_other_input(
     torch.testing.assert_close(patched, logits_b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["attn", "mlp"])
+def test_splicing_in_the_captured_value_is_bit_exact(
+    lms: dict[str, LoadedModel], family: str, kind: str
+) -> None:
+    # A splice replaces exactly what capture records: handing back a copy of the captured value (not the live
+    # tensor) leaves the output bit for bit, and the model never writes into the tensor the caller holds
+    # (Falcon adds the attention output into the MLP output in place, after the MLP site).
+    lm = lms[family]
+    inputs = _inputs()
+    clean = _output(lm, inputs)
+    site = model_sites(lm.model)[f"layers.1.{kind}"]
+    held = run_to_sites(lm.model, [site], **inputs)[site.name]
+    kept = held.clone()
+    with splice(lm.model, {site: lambda _t: held}):
+        spliced = _output(lm, inputs)
+    assert torch.equal(spliced, clean)
+    assert torch.equal(held, kept)
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("kind", ["attn", "mlp"])
+def test_zero_splice_removes_exactly_the_module_output(
+    lms: dict[str, LoadedModel], family: str, kind: str
+) -> None:
+    lm = lms[family]
+    inputs = _inputs()
+    clean, out = _capture_all(lm, inputs)
+    sites = model_sites(lm.model)
+    other = "mlp" if kind == "attn" else "attn"
+    with (
+        splice(lm.model, {sites[f"layers.1.{kind}"]: torch.zeros_like}),
+        capture(lm.model, list(sites.values())) as acts,
+    ):
+        logits = lm.model(**inputs).logits
+    assert torch.equal(acts[f"layers.1.{kind}"], torch.zeros(2, 12, 32))
+    assert torch.equal(acts["layers.0"], clean["layers.0"])
+    # The block now adds only the other module's output (recomputed where it reads the zeroed one).
+    assert _relative_error(acts["layers.0"] + acts[f"layers.1.{other}"], acts["layers.1"]) <= 1e-5
+    if kind == "mlp":  # nothing in the block reads the MLP output: the residual loses exactly clean's
+        torch.testing.assert_close(
+            acts["layers.1"], clean["layers.1"] - clean["layers.1.mlp"], atol=1e-5, rtol=0
+        )
+    assert (logits - out.logits).abs().max() > 1e-3
+
+
 def _keep_mask() -> torch.Tensor:
     keep_BT = torch.ones(2, 12, dtype=torch.bool)
     keep_BT[:, 0] = keep_BT[0, 7] = keep_BT[1, -1] = False  # like [CLS]/BOS, a SEP inside, a final EOS
     return keep_BT
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "opt", "bloom", "falcon"])
 @pytest.mark.parametrize("site_name", ["embed", "layers.1", "layers.1.mlp"])
 def test_splice_with_keep_replaces_kept_positions_only(
     lms: dict[str, LoadedModel], family: str, site_name: str
@@ -414,7 +535,8 @@ def test_hooks_removed_when_body_raises(tiny_models: dict[str, Path], family: st
     with pytest.raises(RuntimeError, match="boom"):  # noqa: SIM117
         with capture(lm.model, list(sites.values())) as acts:
             with splice(lm.model, {s: (lambda t: t * 2.0) for s in resolve_sites(lm.model, "layers.*")}):
-                assert len(_hook_ids(lm.model)) == 13
+                # One hook per site, plus a shape-recording pre-hook on the block per flattened site.
+                assert len(_hook_ids(lm.model)) == 13 + 3 * len(FLATTENED.get(family, ()))
                 doubled = _output(lm, inputs)
                 raise RuntimeError("boom")
     assert len(acts) == 10

@@ -5,8 +5,9 @@ the residual stream entering block N, which is block N − 1's output) → ``lay
 ``blocks.N.hook_mlp_out`` → ``layers.N.mlp``, ``blocks.N.hook_attn_out`` → ``layers.N.attn``. sparsify (module paths of the HF model):
 ``layers.N`` / ``h.N`` / ``model.layers.N`` / ``gpt_neox.layers.N`` → ``layers.N``, ``….mlp`` → ``layers.N.mlp``,
 ``….self_attn`` / ``….attn`` / ``….attention`` → ``layers.N.attn``. ``….mlp``/``….attn`` are the
-modules' outputs: for Gemma-2/3 (sandwich norms) and BERT (post-LN) interlayer's ``.mlp``/``.attn`` sites sit
-after a norm, so such an SAE reads a slightly different activation there. A name that matches none of these
+modules' outputs: for Gemma-2/3 and OLMo 2 (post-norms) interlayer's ``.mlp``/``.attn`` sites sit after a norm,
+for BERT (post-LN) and BLOOM (residual added inside the module) they are the output projections, so such an
+SAE reads a different activation there. A name that matches none of these
 is kept as it is, with a warning: the SAE still loads, and a run that names that site fails with the list of valid ones.
 """
 
