@@ -105,13 +105,12 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-FAMILIES = (
+DECODERS = (
     "llama",
     "qwen2",
     "gemma2",
     "gpt2",
     "gpt_neox",
-    "bert",
     "gemma3",
     "olmo2",
     "qwen3",
@@ -122,6 +121,9 @@ FAMILIES = (
     "opt",
     "gptj",
 )
+"""Every decoder family of the fixtures."""
+FAMILIES = (*DECODERS, "bert")
+"""Every family of the fixtures: the decoders and one post-LN encoder."""
 
 
 @pytest.fixture(scope="session")

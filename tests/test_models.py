@@ -7,26 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import DECODERS
 
 from interlayer.errors import UserError
 from interlayer.models import DTYPES, load_model, minilm_path, resolve_model_source
 
-DECODERS = (
-    "llama",
-    "qwen2",
-    "gemma2",
-    "gpt2",
-    "gpt_neox",
-    "gemma3",
-    "olmo2",
-    "qwen3",
-    "mistral",
-    "phi3",
-    "falcon",
-    "bloom",
-    "opt",
-    "gptj",
-)
 MODEL_CLASSES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DECODERS, FAMILIES
 from torch import nn
 
 from interlayer.errors import UserError
@@ -23,23 +24,6 @@ from interlayer.sites import (
     splice,
 )
 
-CAUSAL = (  # every decoder family of the fixtures (tests/conftest.py)
-    "llama",
-    "qwen2",
-    "gemma2",
-    "gpt2",
-    "gpt_neox",
-    "gemma3",
-    "olmo2",
-    "qwen3",
-    "mistral",
-    "phi3",
-    "falcon",
-    "bloom",
-    "opt",
-    "gptj",
-)
-FAMILIES = (*CAUSAL, "bert")
 ALL_NAMES = [
     "embed",
     *(f"layers.{n}{suffix}" for n in range(3) for suffix in (".attn", ".mlp", "")),
@@ -214,7 +198,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
-@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("family", DECODERS)
 def test_residual_is_sum_of_module_outputs(lms: dict[str, LoadedModel], family: str) -> None:
     # The contract of the module sites: layers.N == layers.N-1 + layers.N.attn + layers.N.mlp (layers.-1 =
     # embed) in pre-norm (Llama, Mistral, Qwen, Phi-3, OPT, BLOOM), parallel (GPT-J, GPT-NeoX, Falcon) and
@@ -350,7 +334,7 @@ def test_identity_splice_everywhere_is_bit_exact(lms: dict[str, LoadedModel], fa
     assert torch.equal(spliced, clean)
 
 
-@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("family", DECODERS)
 def test_adding_a_vector_at_layers_1(lms: dict[str, LoadedModel], family: str) -> None:
     lm = lms[family]
     inputs = _inputs()
@@ -379,7 +363,7 @@ def test_adding_a_vector_at_layers_1(lms: dict[str, LoadedModel], family: str) -
     assert _hook_ids(lm.model) == before
 
 
-@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("family", DECODERS)
 def test_adding_a_vector_to_the_mlp_output_shifts_the_residual(
     lms: dict[str, LoadedModel], family: str
 ) -> None:
@@ -397,7 +381,7 @@ def test_adding_a_vector_to_the_mlp_output_shifts_the_residual(
     torch.testing.assert_close(acts["layers.1"], clean["layers.1"] + vector, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("family", DECODERS)
 @pytest.mark.parametrize("site_name", ["embed", "layers.1"])
 def test_patching_the_residual_reproduces_the_other_input(
     lms: dict[str, LoadedModel], family: str, site_name: str
@@ -435,7 +419,7 @@ def test_splicing_in_the_captured_value_is_bit_exact(
     assert torch.equal(held, kept)
 
 
-@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("family", DECODERS)
 @pytest.mark.parametrize("kind", ["attn", "mlp"])
 def test_zero_splice_removes_exactly_the_module_output(
     lms: dict[str, LoadedModel], family: str, kind: str
