@@ -189,6 +189,26 @@ class SparseAutoencoder(nn.Module):
         """The loss terms of one training batch (``dead_F``: latents AuxK may use; ``k_aux`` per token)."""
         raise NotImplementedError
 
+    def dense_training_output(
+        self,
+        x_BD: torch.Tensor,
+        z_BF: torch.Tensor,
+        aux_hat_BD: torch.Tensor | None = None,
+        penalty: torch.Tensor | None = None,
+    ) -> TrainingOutput:
+        """The :class:`TrainingOutput` of dense codes z [B, F]: x̂ = W_decᵀ z + b_dec, the term Σ‖x − x̂‖², and
+        the latents with z ≠ 0 as fired (with ``aux_hat_BD`` and ``penalty`` passed through)."""
+        x_hat_BD = z_BF @ self.W_dec_FD + self.b_dec_D
+        active_BF = z_BF.detach() != 0
+        return TrainingOutput(
+            (x_hat_BD - x_BD).pow(2).sum(),
+            x_hat_BD,
+            aux_hat_BD,
+            active_BF.any(0),
+            float(active_BF.sum()),
+            penalty,
+        )
+
     def sparse_training_output(
         self,
         x_BD: torch.Tensor,

@@ -73,12 +73,4 @@ class BatchTopKSAE(DenseEncoderSAE):
 
     def training_forward(self, x_BD: torch.Tensor, dead_F: torch.Tensor | None, k_aux: int) -> TrainingOutput:
         z_BF, pre_BF = self.batch_select(x_BD)
-        x_hat_BD = z_BF @ self.W_dec_FD + self.b_dec_D
-        active_BF = z_BF > 0
-        return TrainingOutput(
-            (x_hat_BD - x_BD).pow(2).sum(),
-            x_hat_BD,
-            self.aux_reconstruction(pre_BF, dead_F, k_aux),
-            active_BF.any(0),
-            float(active_BF.sum()),
-        )
+        return self.dense_training_output(x_BD, z_BF, self.aux_reconstruction(pre_BF, dead_F, k_aux))

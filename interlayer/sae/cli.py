@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -32,6 +32,10 @@ from interlayer.progress import progress_bar
 from interlayer.sae.architectures import ARCHITECTURES, config_fields, make_config
 from interlayer.sae.config import SAEConfig
 from interlayer.sae.trainer import TrainConfig
+
+if TYPE_CHECKING:  # imported where used at run time, to keep the CLI's start fast
+    from interlayer.distributed import ProcessGroup
+    from interlayer.sources import ActivationSource
 
 sae_app = typer.Typer(help="Sparse autoencoders: train and evaluate.", no_args_is_help=True)
 
@@ -173,7 +177,6 @@ def sae_train(
             f"a {architecture} SAE is not trained with `sae train`: use `{OWN_COMMANDS[architecture]}`"
         )
     from interlayer.distributed import process_group, rank_device
-    from interlayer.sae.training_run import train_from_source
     from interlayer.sources import activation_source
 
     template = architecture_config(
@@ -196,7 +199,28 @@ def sae_train(
         dtype=dtype,
         seed=seed,
     )
-    with progress_bar(f"training {len(source.sites)} SAE(s)", train_cfg.steps, visible=group.is_main) as bar:
+    train_and_report(
+        out, source, template, train_cfg, device, group, distribute, as_json,
+        (f"training {len(source.sites)} SAE(s)", f"trained SAEs in {out}"),
+    )  # fmt: skip
+
+
+def train_and_report(
+    out: Path,
+    source: ActivationSource,
+    template: SAEConfig,
+    train_cfg: TrainConfig,
+    device: str,
+    group: ProcessGroup,
+    distribute: str,
+    as_json: bool,
+    titles: tuple[str, str],
+) -> None:
+    """Train ``template``'s SAEs on ``source`` with a progress bar, then (rank 0 alone) print the table and the
+    JSON summary; ``titles`` are the bar's and the table's."""
+    from interlayer.sae.training_run import train_from_source
+
+    with progress_bar(titles[0], train_cfg.steps, visible=group.is_main) as bar:
         metrics = train_from_source(
             out,
             source,
@@ -210,8 +234,7 @@ def sae_train(
     if not group.is_main:
         return
     if not as_json:
-        rows = [{"site": site, **values} for site, values in metrics["sites"].items()]
-        print_table(f"trained SAEs in {out}", rows)
+        print_table(titles[1], [{"site": site, **values} for site, values in metrics["sites"].items()])
     emit({"out": str(out), **metrics}, as_json)
 
 
@@ -404,19 +427,16 @@ def sae_boost(
     from interlayer.distributed import process_group, rank_device
     from interlayer.sae.boosted import boost_config
     from interlayer.sae.io import load_sae
-    from interlayer.sae.training_run import train_from_source
     from interlayer.sources import activation_source
 
     train_cfg = TrainConfig(**{f.name: given[f.name] for f in fields(TrainConfig)})
-    group = process_group(
-        device
-    )  # under torchrun the processes share each batch (one site: --distribute data)
+    # under torchrun the processes share each batch (one site: --distribute data)
+    group = process_group(device)
     device = rank_device(device)
     base_sae = load_sae(base)
     base_site = base_sae.cfg.site
-    unmapped = (
-        bool(base_sae.cfg.source_format) and base_site == base_sae.cfg.source_site
-    )  # a foreign hook name
+    # an imported base whose foreign hook name has no interlayer site may be placed with --site
+    unmapped = bool(base_sae.cfg.source_format) and base_site == base_sae.cfg.source_site
     if site is not None and base_site and site != base_site and not unmapped:
         raise UserError(
             f"the base SAE was trained on site {base_site}, not {site}: a residual reads its base's site "
@@ -447,23 +467,10 @@ def sae_boost(
             f"a residual for a base of another width: the base SAE reads width {template.d_in} but site "
             f"{source.sites[0]} of {model} has width {source.width}; pass the base's model with --model"
         )
-    with progress_bar("training a residual SAE", train_cfg.steps, visible=group.is_main) as bar:
-        metrics = train_from_source(
-            out,
-            source,
-            template,
-            train_cfg,
-            device=device,
-            on_step=lambda step, s: bar.show(step, _status(s)),
-            group=group,
-            distribute=distribute,
-        )
-    if not group.is_main:
-        return
-    if not as_json:
-        rows = [{"site": s, **values} for s, values in metrics["sites"].items()]
-        print_table(f"boosted SAE in {out}", rows)
-    emit({"out": str(out), **metrics}, as_json)
+    train_and_report(
+        out, source, template, train_cfg, device, group, distribute, as_json,
+        ("training a residual SAE", f"boosted SAE in {out}"),
+    )  # fmt: skip
 
 
 @sae_app.command("stack")

@@ -136,14 +136,5 @@ class JumpReLUSAE(DenseEncoderSAE):
         pre_BF = self.pre_activations(x_BD)
         threshold_F = self.threshold_F
         z_BF = JumpReLUFn.apply(pre_BF, threshold_F, self.cfg.bandwidth)
-        x_hat_BD = z_BF @ self.W_dec_FD + self.b_dec_D
         penalty = self.cfg.l0_coefficient * StepFn.apply(pre_BF, threshold_F, self.cfg.bandwidth).sum()
-        active_BF = z_BF.detach() != 0
-        return TrainingOutput(
-            (x_hat_BD - x_BD).pow(2).sum(),
-            x_hat_BD,
-            None,
-            active_BF.any(0),
-            float(active_BF.sum()),
-            penalty,
-        )
+        return self.dense_training_output(x_BD, z_BF, penalty=penalty)

@@ -46,13 +46,4 @@ class ReLUSAE(DenseEncoderSAE):
 
     def training_forward(self, x_BD: torch.Tensor, dead_F: torch.Tensor | None, k_aux: int) -> TrainingOutput:
         z_BF = self.pre_activations(x_BD).relu()
-        x_hat_BD = z_BF @ self.W_dec_FD + self.b_dec_D
-        active_BF = z_BF.detach() > 0
-        return TrainingOutput(
-            (x_hat_BD - x_BD).pow(2).sum(),
-            x_hat_BD,
-            None,
-            active_BF.any(0),
-            float(active_BF.sum()),
-            self.cfg.l1_coefficient * z_BF.sum(),
-        )
+        return self.dense_training_output(x_BD, z_BF, penalty=self.cfg.l1_coefficient * z_BF.sum())

@@ -34,16 +34,22 @@ OPTIONS = {
 def random_sae(architecture: str, seed: int = 0):
     """An SAE in float64 with every parameter random (thresholds small and positive)."""
     sae = build_sae(make_config(architecture, d_in=D, latents=F, **OPTIONS[architecture])).double()
+    return randomise_(sae, seed).to(TEST_DEVICE)
+
+
+@torch.no_grad()
+def randomise_(sae, seed: int):
+    """Every parameter of ``sae`` (float64) drawn from N(0, 0.25), JumpReLU's θ from U(0.01, 0.31), a scalar
+    BatchTopK threshold 0.2, decoder rows normalised."""
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sae.named_parameters():
-            param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float64) * 0.5)
-            if name == "log_threshold_F":
-                param.copy_(torch.log(torch.rand(param.shape, generator=g, dtype=torch.float64) * 0.3 + 0.01))
-        if hasattr(sae, "threshold") and isinstance(sae.threshold, torch.Tensor) and sae.threshold.dim() == 0:
-            sae.threshold.fill_(0.2)
-        sae.normalise_decoder_()
-    return sae.to(TEST_DEVICE)
+    for name, param in sae.named_parameters():
+        param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float64) * 0.5)
+        if name == "log_threshold_F":
+            param.copy_(torch.log(torch.rand(param.shape, generator=g, dtype=torch.float64) * 0.3 + 0.01))
+    if hasattr(sae, "threshold") and isinstance(sae.threshold, torch.Tensor) and sae.threshold.dim() == 0:
+        sae.threshold.fill_(0.2)
+    sae.normalise_decoder_()
+    return sae
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:

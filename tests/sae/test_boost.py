@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TEST_DEVICE
-from test_topk import Interrupted, assert_same, planted_atoms, planted_chunks
+from test_architectures import randomise_
+from test_topk import Interrupted, assert_same, planted_atoms, planted_chunks, small_run
 
 from interlayer.activations import Chunk
 from interlayer.errors import UserError
@@ -44,14 +45,7 @@ def random_base(architecture: str = "topk", seed: int = 0, d: int = D, site: str
     sae = build_sae(
         make_config(architecture, d_in=d, latents=BASE_F, site=site, model="m", **options)
     ).double()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sae.named_parameters():
-            param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float64) * 0.5)
-            if name == "log_threshold_F":
-                param.copy_(torch.log(torch.rand(param.shape, generator=g, dtype=torch.float64) * 0.3 + 0.01))
-        sae.normalise_decoder_()
-    return sae
+    return randomise_(sae, seed)
 
 
 def random_boosted(
@@ -361,34 +355,17 @@ def small_boost(
     starts: list | None = None,
     aux_losses: list | None = None,
 ) -> dict:
-    """A small boosting run (6 chunks of 2048 tokens, batch 256) with dead latents and AuxK in play."""
-    inner = planted_chunks(planted_atoms(32, 16, seed=data_seed), 3, 2048, 6, seed=data_seed)
-
-    def chunks(start: int) -> Iterator[Chunk]:
-        if starts is not None:
-            starts.append(start)
-        for chunk in inner(start):
-            if fail_after is not None and chunk.index > fail_after:
-                raise Interrupted(f"stopped before chunk {chunk.index}")
-            yield chunk
-
+    """``test_topk.small_run`` (6 chunks of 2048 planted tokens, batch 256, dead latents and AuxK in play)
+    training a residual of 64 latents, k = 3, over the SAE in ``base_folder``."""
     template = boost_config(load_sae(base_folder), base_folder, latents=64, k=3, data=f"planted-{data_seed}")
-    train_cfg = TrainConfig(
-        tokens=6 * 2048, batch_size=256, seed=seed, dead_tokens=256, checkpoint_seconds=0, lr=3e-3
-    )
-
-    def on_step(step: int, summaries: dict) -> None:
-        if aux_losses is not None:
-            aux_losses.append(summaries["site"].aux_loss)
-
-    return train_saes(
+    return small_run(
         out,
-        chunks,
-        {"site": template},
-        train_cfg,
-        {"data": template.residual_data[-1]},
-        str(TEST_DEVICE),
-        on_step,
+        seed,
+        fail_after=fail_after,
+        starts=starts,
+        aux_losses=aux_losses,
+        sae_cfg=template,
+        data_seed=data_seed,
     )
 
 

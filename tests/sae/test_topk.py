@@ -15,6 +15,7 @@ from conftest import TEST_DEVICE
 from interlayer.activations import Chunk
 from interlayer.sae.architectures import build_sae, make_config
 from interlayer.sae.batchtopk import BatchTopKSAE
+from interlayer.sae.config import SAEConfig
 from interlayer.sae.io import load_sae
 from interlayer.sae.topk import TopKSAE
 from interlayer.sae.trainer import CHECKPOINT, CHECKPOINT_STATE, METRICS_FILE, TrainConfig, train_saes
@@ -279,10 +280,13 @@ def small_run(
     fail_after: int | None = None,
     starts: list | None = None,
     aux_losses: list | None = None,
+    sae_cfg: SAEConfig | None = None,
+    data_seed: int = 1,
 ) -> dict:
-    """A small training run (6 chunks of 2048 tokens, batch 256) with dead latents and AuxK in play."""
-    atoms = planted_atoms(32, 16, seed=1)
-    inner = planted_chunks(atoms, 3, 2048, 6, seed=1)
+    """A small training run (6 chunks of 2048 tokens, batch 256) with dead latents and AuxK in play: an SAE
+    of ``architecture`` (or ``sae_cfg`` as given) on planted data drawn with ``data_seed``."""
+    atoms = planted_atoms(32, 16, seed=data_seed)
+    inner = planted_chunks(atoms, 3, 2048, 6, seed=data_seed)
 
     def chunks(start: int) -> Iterator[Chunk]:
         if starts is not None:
@@ -292,10 +296,11 @@ def small_run(
                 raise Interrupted(f"stopped before chunk {chunk.index}")
             yield chunk
 
-    options = {"l0_coefficient": 1e-3} if architecture == "jumprelu" else {"k": 3}
-    if architecture == "kron":
-        options |= {"m": 2, "n": 4}
-    sae_cfg = make_config(architecture, d_in=16, latents=128, site="site", **options)
+    if sae_cfg is None:
+        options = {"l0_coefficient": 1e-3} if architecture == "jumprelu" else {"k": 3}
+        if architecture == "kron":
+            options |= {"m": 2, "n": 4}
+        sae_cfg = make_config(architecture, d_in=16, latents=128, site="site", **options)
     train_cfg = TrainConfig(
         tokens=6 * 2048, batch_size=256, seed=seed, dead_tokens=256, checkpoint_seconds=0, lr=3e-3
     )
