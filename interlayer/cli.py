@@ -32,6 +32,7 @@ from interlayer.cli_common import (
     print_table,
 )
 from interlayer.errors import UserError
+from interlayer.flow.cli import flow_app
 from interlayer.progress import progress_bar
 from interlayer.sae.cli import sae_app
 
@@ -43,6 +44,7 @@ zoo_app = typer.Typer(help="Tiny reference models trained here: list and build t
 app.add_typer(sae_app, name="sae")
 app.add_typer(activations_app, name="activations")
 app.add_typer(zoo_app, name="zoo")
+app.add_typer(flow_app, name="flow")
 
 
 @app.command()

@@ -5,6 +5,11 @@ such function and appending it to :data:`STAGES`. The model is loaded once and s
 
 Stage "budgets": one HierarchicalTopK SAE on the last site against that site's TopK SAE, at k/4, k/2 and k.
 
+Stage "flow": TopK SAEs at every attention and MLP output too; SAE Match between consecutive layers of each
+kind (permutations, matching scores, layer skipping); the classes of every residual feature; flow graphs of a
+few features (the most persistent and the most clearly born in a module at the last layer) with their top
+contexts; persistence over depth.
+
 Stage "sae": capture every residual layer of MiniLM on ``stdlib:docs``, train a TopK SAE per layer from one
 forward pass per batch, evaluate on the validation split (pooled EV, L0, dead/dense latents, the pooled-output
 cosine with the SAE spliced in), sweep k at inference for an EV-vs-L0 plot, and show feature cards with each
@@ -72,6 +77,8 @@ class DemoConfig:
     """Peak learning rate: lower than the library default so these short runs keep few dead latents."""
     cards_per_site: int = 4
     """Feature cards sampled per layer (among latents that fired)."""
+    flow_graphs: int = 3
+    """Flow graphs drawn (roots picked at the last residual layer)."""
     seed: int = 0
 
     @classmethod
@@ -219,8 +226,40 @@ def budgets_stage(ctx: DemoContext) -> list[Section]:
     return [Section("One SAE for every sparsity budget", intro + metrics_table(rows, list(rows[0])) + plot)]
 
 
+def flow_stage(ctx: DemoContext) -> list[Section]:
+    """Module SAEs, SAE Match and feature flow over the "sae" stage's residual SAEs."""
+    from interlayer.flow.contexts import feature_cards
+    from interlayer.flow.evaluate import consecutive_pairs
+    from interlayer.flow.graph import flow_graph, pick_roots
+    from interlayer.flow.report import flow_sections, match_section
+    from interlayer.flow.run import MatchSettings, match_run
+    from interlayer.flow.similarity import FlowThresholds
+
+    cfg, lm = ctx.cfg, ctx.lm
+    modules = _train(
+        ctx,
+        "layers.*.attn,layers.*.mlp",
+        TopKConfig(d_in=1, latents=cfg.latents, k=cfg.k),
+        cfg.out / "module_saes",
+    )
+    saes = {site.name: load_sae(cfg.out / "saes" / site.name) for site in resolve_sites(lm.model, cfg.sites)}
+    saes |= modules
+    settings = MatchSettings(data=cfg.data, tokens=cfg.eval_tokens, skip_tokens=cfg.eval_tokens // 4)
+    with progress_bar("SAE Match", len(consecutive_pairs(list(saes)))) as bar:
+        matched = match_run(
+            saes, cfg.out / "flow" / "match", settings, lm, on_pair=lambda _a, _b: bar.advance(1)
+        )
+    thresholds = FlowThresholds()
+    graphs = [flow_graph(saes, root, thresholds) for root in pick_roots(saes, thresholds, cfg.flow_graphs)]
+    nodes = [(n.site, n.feature) for g in graphs for n in g.nodes.values()]
+    cards = feature_cards(lm, saes, nodes, cfg.data, cfg.eval_tokens, context_len=cfg.context_len)
+    sections, shown = flow_sections(saes, graphs, thresholds, cards)
+    ctx.summary["flow"] = {"match": matched, "graphs": [g.to_json() for g in graphs]} | shown
+    return [*sections, match_section(matched)]
+
+
 Stage = Callable[[DemoContext], list[Section]]
-STAGES: list[tuple[str, Stage]] = [("sae", sae_stage), ("budgets", budgets_stage)]
+STAGES: list[tuple[str, Stage]] = [("sae", sae_stage), ("budgets", budgets_stage), ("flow", flow_stage)]
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from interlayer.errors import UserError
-from interlayer.flow.similarity import FlowThresholds, top_cosines
+from interlayer.flow.similarity import CLASSES, FlowThresholds, layer_flow, top_cosines
 from interlayer.sae import SparseAutoencoder
 
 _RESIDUAL = re.compile(r"layers\.(\d+)")
@@ -225,3 +225,27 @@ def persistence(
         curve.append(float(alive_F.float().mean()))
         layer += 1
     return curve
+
+
+def pick_roots(saes: Mapping[str, SparseAutoencoder], thresholds: FlowThresholds, n: int) -> list[FlowNode]:
+    """``n`` features of the last residual layer worth drawing: the n−1 with the highest residual cosine s(R)
+    (the most persistent) and the feature born in a module with the highest module cosine (when one is)."""
+    layers = sorted(
+        layer
+        for layer, kind in map(site_layer, saes)
+        if kind == "residual" and layer >= 0 and residual_site(layer - 1) in saes
+    )
+    if not layers or n < 1:
+        return []
+    flow = layer_flow(saes, layers[-1], thresholds)
+    site = residual_site(layers[-1])
+    roots = [
+        FlowNode(site, int(f)) for f in flow.scores["residual"].argsort(descending=True)[: max(n - 1, 1)]
+    ]
+    module_F = torch.stack(
+        [flow.scores.get(k, torch.zeros_like(flow.classes, dtype=torch.float)) for k in ("mlp", "attn")]
+    ).amax(0)
+    born_F = flow.classes == CLASSES.index("born")
+    if n > 1 and bool(born_F.any()):
+        roots.append(FlowNode(site, int(torch.where(born_F, module_F, -1.0).argmax())))
+    return roots

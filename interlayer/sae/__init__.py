@@ -14,7 +14,7 @@ from interlayer.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from interlayer.sae.boosted import BoostedConfig, BoostedSAE, boost_config, stack_boosted
 from interlayer.sae.config import SAEConfig
 from interlayer.sae.hierarchical import HierarchicalConfig, HierarchicalTopKSAE
-from interlayer.sae.io import load_sae, save_sae
+from interlayer.sae.io import load_sae, load_saes, save_sae
 from interlayer.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from interlayer.sae.kron import KronConfig, KronSAE
 from interlayer.sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
@@ -46,6 +46,7 @@ __all__ = [
     "boost_config",
     "build_sae",
     "load_sae",
+    "load_saes",
     "make_config",
     "save_sae",
     "stack_boosted",

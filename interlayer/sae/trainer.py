@@ -31,6 +31,7 @@ owns and reads back only those, and a checkpoint resumes under any number of pro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -59,6 +60,14 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 
 
+def init_seed(seed: int, site: str) -> int:
+    """The generator seed of the SAE at ``site``: the first 63 bits of ``sha256(f"init:{seed}:{site}")``. Each
+    site starts from its own random dictionary, so that SAEs of different layers share no features by
+    construction (a latent that never trains would otherwise be the same vector at every layer, and SAE Match
+    or feature flow would find it "persisting")."""
+    return int.from_bytes(hashlib.sha256(f"init:{seed}:{site}".encode()).digest()[:8], "big") >> 1
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How SAEs are trained (shared by every site of a run)."""
@@ -73,7 +82,7 @@ class TrainConfig:
     lr_decay_fraction: float = 0.2
     """The learning rate decays linearly to 0 over this final fraction of the steps."""
     seed: int = 0
-    """Seeds the initialisation and every chunk's shuffle."""
+    """Seeds the initialisation (each site its own, :func:`init_seed`) and every chunk's shuffle."""
     aux_alpha: float = 1 / 32
     """Weight of the AuxK loss."""
     k_aux: int | None = None
@@ -141,7 +150,8 @@ class SiteTrainer:
             scale = math.sqrt(sae_cfg.d_in / float(first_chunk_ND.pow(2).sum(1).mean().clamp_min(1e-12)))
         trainer = cls(sae_cfg, train_cfg, scale, device)
         trainer.sae.initialise_(
-            torch.Generator().manual_seed(train_cfg.seed), (first_chunk_ND * scale).mean(0)
+            torch.Generator().manual_seed(init_seed(train_cfg.seed, sae_cfg.site)),
+            (first_chunk_ND * scale).mean(0),
         )
         return trainer
 

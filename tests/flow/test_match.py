@@ -178,7 +178,8 @@ def test_save_and_load_round_trip(tmp_path) -> None:
     from interlayer.atomic import write_tensors
 
     write_tensors(
-        tmp_path / "m" / "match.safetensors", {"permutation": torch.zeros(32, dtype=torch.int64), "mse": match.mse}
+        tmp_path / "m" / "match.safetensors",
+        {"permutation": torch.zeros(32, dtype=torch.int64), "mse": match.mse},
     )
     with pytest.raises(UserError, match="not a permutation"):
         FeatureMatch.load(tmp_path / "m")

@@ -1,0 +1,332 @@
+"""Features across layers on real activations: SAE Match scores, layer skipping, feature-flow classes and
+persistence (MiniLM on stdlib:docs and zoo:prose-lm), the deactivation comparison of the feature-flow paper's
+Table 1 and single- against multi-layer steering (zoo:prose-lm).
+
+SAEs: TopK (F = 4096, k = 32) at every site (``**``: embed, every residual, attention and MLP output), trained
+on 300k tokens of stdlib:docs with ``interlayer sae train`` (resumable; the script trains what is missing).
+
+    python benchmarks/flow_quality.py [--runs /work/flowruns] [--part match,deactivation,steering]
+
+Writes benchmarks/results/flow_quality.json and prints the tables of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from interlayer.flow.interventions import SteeringTerm, feature_direction, layer_strengths, rescale, steer
+
+from interlayer.flow.evaluate import model_batches
+from interlayer.flow.graph import FlowNode, flow_graph, residual_site
+from interlayer.flow.report import flow_table, persistence_curves
+from interlayer.flow.run import MatchSettings, match_run
+from interlayer.flow.similarity import FlowThresholds, source_sites, top_cosines
+from interlayer.models import LoadedModel, load_model
+from interlayer.sae import SparseAutoencoder, load_saes
+from interlayer.sites import capture, resolve_sites
+
+MODELS = {"minilm": "minilm", "prose-lm": "zoo:prose-lm"}
+TRAIN = ["--data", "stdlib:docs", "--sites", "**", "--tokens", "300000", "--latents", "4096", "--k", "32"]
+TRAIN += ["--batch-size", "2048", "--lr", "3e-3"]
+
+
+def trained(runs: Path, name: str) -> dict[str, SparseAutoencoder]:
+    folder = runs / name
+    if not (folder / "metrics.json").exists():
+        cmd = [
+            sys.executable,
+            "-m",
+            "interlayer",
+            "sae",
+            "train",
+            "--model",
+            MODELS[name],
+            *TRAIN,
+            "--out",
+            str(folder),
+        ]
+        subprocess.run(cmd, check=True)
+    return load_saes(folder)
+
+
+# ---- A. SAE Match and feature flow on real activations ---------------------------------------------------
+def match_part(runs: Path, name: str) -> dict[str, Any]:
+    saes = trained(runs, name)
+    lm = load_model(MODELS[name])
+    settings = MatchSettings(data="stdlib:docs", tokens=20_000, skip_tokens=4_000)
+    started = time.perf_counter()
+    summary = match_run(saes, runs / f"{name}-match", settings, lm)
+    thresholds = FlowThresholds()
+    return {
+        "pairs": summary["pairs"],
+        "compositions": summary["compositions"],
+        "classes": flow_table(saes, thresholds),
+        "persistence": persistence_curves(saes, thresholds),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# ---- B. Deactivation (Table 1 of arXiv:2502.03032) ---------------------------------------------------------
+@dataclass(frozen=True)
+class Captured:
+    """A model batch with the activations of every site on it."""
+
+    inputs: dict[str, torch.Tensor]
+    keep_BT: torch.Tensor
+    acts: dict[str, torch.Tensor]
+
+
+def _target_contexts(
+    lm: LoadedModel, sae: SparseAutoencoder, site: str, batches: list[Captured], feature: int, n: int = 8
+) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+    """The ``n`` contexts where ``feature`` is most active, and the bool mask of its active kept tokens there."""
+    best: list[tuple[float, int, int]] = []
+    for b, batch in enumerate(batches):
+        z_BT = sae.encode(batch.acts[site])[..., feature] * batch.keep_BT
+        for row in range(z_BT.shape[0]):
+            best.append((float(z_BT[row].max()), b, row))
+    best = sorted(best, reverse=True)[:n]
+    if not best or best[0][0] <= 0:
+        return None
+    rows = [(b, r) for v, b, r in best if v > 0]
+    inputs = {
+        k: torch.stack([batches[b].inputs[k][r] for b, r in rows]) for k in ("input_ids", "attention_mask")
+    }
+    keep = torch.stack([batches[b].keep_BT[r] for b, r in rows])
+    active = (sae.encode(torch.stack([batches[b].acts[site][r] for b, r in rows]))[..., feature] > 0) & keep
+    return inputs, active
+
+
+@torch.no_grad()
+def _activation(
+    lm: LoadedModel, sae: SparseAutoencoder, site: str, inputs: dict[str, torch.Tensor], feature: int
+) -> torch.Tensor:
+    with capture(lm.model, resolve_sites(lm.model, site)) as acts:
+        lm.model(**inputs)
+    return sae.encode(acts[site])[..., feature]
+
+
+@torch.no_grad()
+def _change(
+    lm: LoadedModel,
+    saes: dict[str, SparseAutoencoder],
+    target: tuple[str, int],
+    source: tuple[str, int],
+    inputs: dict[str, torch.Tensor],
+    active: torch.Tensor,
+) -> float:
+    """1 − Σ a'/Σ a over the target's active tokens, a' its activation with the source feature deactivated."""
+    site, feature = target
+    before = _activation(lm, saes[site], site, inputs, feature)[active].clamp_min(0).sum()
+    with rescale(lm.model, saes[source[0]], source[0], source[1], 0.0):
+        after = _activation(lm, saes[site], site, inputs, feature)[active].clamp_min(0).sum()
+    return float(1 - after / before)
+
+
+def _correlations(
+    batches: list[Captured],
+    saes: dict[str, SparseAutoencoder],
+    target: tuple[str, int],
+    sources: dict[str, str],
+) -> dict[str, torch.Tensor]:
+    """Pearson correlation over kept tokens of the target feature's activation with every feature of each
+    source SAE."""
+    site, feature = target
+    t = torch.cat([saes[site].encode(b.acts[site][b.keep_BT])[:, feature] for b in batches]).double()
+    out = {}
+    for kind, src in sources.items():
+        z = torch.cat([saes[src].encode(b.acts[src][b.keep_BT]) for b in batches]).double()
+        zc, tc = z - z.mean(0), t - t.mean()
+        out[kind] = (zc.T @ tc) / (zc.norm(dim=0) * tc.norm()).clamp_min(1e-12)
+    return out
+
+
+def deactivation_part(runs: Path, targets_per_layer: int = 60, candidates: int = 5) -> dict[str, Any]:
+    """For targets f at residual layers 1..L, the predecessor chosen by each method is deactivated (r = 0 at
+    its site) and f's activation is re-measured on its top contexts at the tokens where it was active:
+    change = 1 − Σ a' / Σ a (a' clamped at 0); success = change ≥ 0.5."""
+    saes = trained(runs, "prose-lm")
+    lm = load_model(MODELS["prose-lm"])
+    sites = resolve_sites(lm.model, list(saes))
+    batches = []
+    for batch in model_batches(lm, "stdlib:docs", 12_000, context_len=128, batch_size=16):
+        with torch.no_grad(), capture(lm.model, sites) as acts:
+            lm.model(**batch.inputs)
+        batches.append(Captured(batch.inputs, batch.keep_BT, {k: v.float() for k, v in acts.items()}))
+    generator = torch.Generator().manual_seed(0)
+    results: dict[str, list[float]] = {
+        "top-1 cosine": [],
+        "activation correlation": [],
+        "exhaustive search": [],
+    }
+    layers = sorted(int(s.split(".")[1]) for s in saes if s.count(".") == 1 and s.startswith("layers."))
+    for layer in layers:
+        site = residual_site(layer)
+        sources = {k: v for k, v in source_sites(layer).items() if v in saes}
+        fires_F = sum((saes[site].encode(b.acts[site][b.keep_BT]) > 0).sum(0) for b in batches)
+        alive = (fires_F >= 20).nonzero().squeeze(1)
+        chosen = alive[torch.randperm(alive.numel(), generator=generator)[:targets_per_layer]].tolist()
+        for feature in chosen:
+            found = _target_contexts(lm, saes[site], site, batches, feature)
+            if found is None:
+                continue
+            inputs, active = found
+
+            row = saes[site].W_dec_FD[feature : feature + 1]
+            cos = {k: top_cosines(row, saes[src].W_dec_FD, candidates) for k, src in sources.items()}
+            corr = _correlations(batches, saes, (site, feature), sources)
+            best_cos = max(sources, key=lambda k: float(cos[k][0][0, 0]))
+            best_corr = max(sources, key=lambda k: float(corr[k].max()))
+            by_cos = (sources[best_cos], int(cos[best_cos][1][0, 0]))
+            by_corr = (sources[best_corr], int(corr[best_corr].argmax()))
+            pool = {(sources[k], int(i)) for k in sources for i in cos[k][1][0].tolist()}
+            pool |= {(sources[k], int(i)) for k in sources for i in corr[k].topk(candidates).indices.tolist()}
+            changes = {cand: _change(lm, saes, (site, feature), cand, inputs, active) for cand in pool}
+            results["top-1 cosine"].append(changes[by_cos])
+            results["activation correlation"].append(changes[by_corr])
+            results["exhaustive search"].append(max(changes.values()))
+    return {
+        method: {
+            "targets": len(values),
+            "mean_activation_change": sum(values) / len(values),
+            "success_rate": sum(v >= 0.5 for v in values) / len(values),
+        }
+        for method, values in results.items()
+    }
+
+
+# ---- C. Single- against multi-layer steering ---------------------------------------------------------------
+PROMPTS = [
+    "The function",
+    "This module provides",
+    "Return the",
+    "If the value is",
+    "The default is",
+    "A list of",
+    "When the file",
+    "This class",
+]
+
+
+@torch.no_grad()
+def _generate(lm: LoadedModel, prompt: str, terms: list[SteeringTerm], new_tokens: int) -> list[int]:
+    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with steer(lm.model, terms):
+        out = lm.model.generate(
+            ids,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=lm.tokenizer.pad_token_id,
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+@torch.no_grad()
+def _perplexity(lm: LoadedModel, prompt: str, continuation: list[int]) -> float:
+    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    full = torch.cat([ids, torch.tensor([continuation])], dim=1)
+    logp = lm.model(input_ids=full).logits[0, :-1].log_softmax(-1)
+    nll = -logp[torch.arange(full.shape[1] - 1), full[0, 1:]][ids.shape[1] - 1 :]
+    return float(nll.mean().exp())
+
+
+def steering_part(runs: Path, features: int = 16, new_tokens: int = 24) -> dict[str, Any]:
+    """For features of the prose LM's residual SAE at layer 2 whose topic is a set of tokens (the 5 token ids
+    on which the feature fires most often), steer at equal total strength s: at its own layer alone, or
+    spread with a constant schedule over its flow graph's residual chain (one node per layer, s/n each).
+    Topic hit = a topic token appears in the greedy continuation; perplexity under the unsteered model."""
+    saes = trained(runs, "prose-lm")
+    lm = load_model(MODELS["prose-lm"])
+    layer = 2
+    site = residual_site(layer)
+    batches = list(model_batches(lm, "stdlib:docs", 12_000, context_len=128, batch_size=16))
+    counts = torch.zeros(saes[site].cfg.latents, lm.model.config.vocab_size)
+    norms = []
+    for batch in batches:
+        with capture(lm.model, resolve_sites(lm.model, site)) as acts:
+            lm.model(**batch.inputs)
+        x = acts[site][batch.keep_BT]
+        norms.append(x.norm(dim=-1))
+        fired = (saes[site].encode(x) > 0).float()
+        counts.index_add_(1, batch.inputs["input_ids"][batch.keep_BT], fired.T)
+    median_norm = float(torch.cat(norms).median())
+    concentration = counts.topk(5, dim=1).values.sum(1) / counts.sum(1).clamp_min(1)
+    eligible = (counts.sum(1) >= 30) & (concentration >= 0.5)
+    chosen = eligible.nonzero().squeeze(1)[:features].tolist()
+    rows = []
+    for scale in (0.5, 1.0, 2.0):
+        strength = scale * median_norm
+        stats = {"single": [0, 0.0, 0], "multi": [0, 0.0, 0]}
+        for feature in chosen:
+            topic = set(counts[feature].topk(5).indices.tolist())
+            graph = flow_graph(saes, FlowNode(site, feature))
+            chain = [n for n in graph.residual_chain() if n.layer >= 0]
+            per_layer = layer_strengths(strength, list(range(len(chain))), "constant", total=True)
+            plans = {
+                "single": [SteeringTerm(site, feature_direction(saes[site], feature), strength)],
+                "multi": [
+                    SteeringTerm(n.site, feature_direction(saes[n.site], n.feature), s)
+                    for n, s in zip(chain, per_layer, strict=True)
+                ],
+            }
+            for name, terms in plans.items():
+                for prompt in PROMPTS:
+                    tokens = _generate(lm, prompt, terms, new_tokens)
+                    stats[name][0] += bool(topic & set(tokens))
+                    stats[name][1] += math.log(_perplexity(lm, prompt, tokens))
+                    stats[name][2] += 1
+        for name, (hits, log_ppl, n) in stats.items():
+            rows.append(
+                {
+                    "strength / median norm": scale,
+                    "steering": name,
+                    "topic_rate": hits / n,
+                    "perplexity": math.exp(log_ppl / n),
+                }
+            )
+    base = [_generate(lm, p, [], new_tokens) for p in PROMPTS]
+    baseline_ppl = math.exp(
+        sum(math.log(_perplexity(lm, p, t)) for p, t in zip(PROMPTS, base, strict=True)) / len(PROMPTS)
+    )
+    return {
+        "features": chosen,
+        "median_norm": median_norm,
+        "rows": rows,
+        "unsteered_perplexity": baseline_ppl,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=Path, default=Path("/work/flowruns"))
+    parser.add_argument("--part", default="match,deactivation,steering")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "flow_quality.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    parts = args.part.split(",")
+    if "match" in parts:
+        for name in MODELS:
+            result[f"match:{name}"] = match_part(args.runs, name)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if "deactivation" in parts:
+        result["deactivation"] = deactivation_part(args.runs)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if "steering" in parts:
+        result["steering"] = steering_part(args.runs)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("match")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""``interlayer flow``: SAE Match between layers, feature-flow graphs, and steering along them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from interlayer.cli_common import ContextOpt, DeviceOpt, JsonOpt, emit, print_table
+from interlayer.errors import UserError
+from interlayer.progress import progress_bar
+
+if TYPE_CHECKING:  # imported where used at run time, to keep the CLI's start fast
+    from interlayer.models import LoadedModel
+    from interlayer.sae import SparseAutoencoder
+
+flow_app = typer.Typer(
+    help="Features across layers: SAE Match, feature-flow graphs, multi-layer steering.", no_args_is_help=True
+)
+
+SaesOpt = Annotated[
+    list[Path],
+    typer.Option(
+        "--saes",
+        help="A run folder with one SAE per site (any format load_saes reads), or repeat for single SAE folders.",
+    ),
+]
+OptionalModelOpt = Annotated[
+    str | None, typer.Option("--model", help="The SAEs' model (default: the one their cfg.json names).")
+]
+OptionalDataOpt = Annotated[
+    str, typer.Option("--data", help="Text for the evaluations on real tokens ('' for data-free only).")
+]
+TokensOpt = Annotated[int, typer.Option("--tokens", help="Kept validation tokens for the evaluations.")]
+ResidualThresholdOpt = Annotated[
+    float,
+    typer.Option("--residual-threshold", help="τ_R: cut a flow graph where the residual cosine is below."),
+]
+ModuleThresholdOpt = Annotated[
+    float, typer.Option("--module-threshold", help="τ_M: keep MLP/attention nodes with cosine at least this.")
+]
+
+
+def load_flow_saes(paths: list[Path]) -> dict[str, SparseAutoencoder]:
+    """Site → SAE from one run folder, or from several SAE folders (a site twice is an error)."""
+    from interlayer.sae import load_saes
+
+    if not paths:
+        raise UserError("pass --saes: a run folder, or several SAE folders")
+    saes: dict[str, SparseAutoencoder] = {}
+    for path in paths:
+        for site, sae in load_saes(path).items():
+            if site in saes:
+                raise UserError(f"two SAEs for site {site} among --saes; pass one per site")
+            saes[site] = sae
+    return saes
+
+
+def model_of(saes: dict[str, SparseAutoencoder], model: str | None, device: str) -> LoadedModel:
+    """The model named by ``--model``, else the one every SAE names (an error when they disagree or none does)."""
+    from interlayer.models import load_model
+
+    if model is None:
+        named = {sae.cfg.model for sae in saes.values() if sae.cfg.model}
+        if len(named) != 1:
+            raise UserError(
+                "pass --model: the SAEs name "
+                + (f"several models ({', '.join(sorted(named))})" if named else "no model")
+            )
+        model = named.pop()
+    return load_model(model, device=device)
+
+
+@flow_app.command("match")
+def match(
+    saes: SaesOpt,
+    out: Annotated[Path, typer.Option("--out", help="Output folder (rerun to resume).")],
+    terms: Annotated[
+        str, typer.Option("--terms", help="Folded terms the cost compares, comma-separated.")
+    ] = ("encoder,decoder,bias"),
+    fold: Annotated[
+        str,
+        typer.Option(
+            "--fold", help="auto, threshold (JumpReLU/BatchTopK), data (TopK: mean activation) or none."
+        ),
+    ] = "auto",
+    model: OptionalModelOpt = None,
+    data: OptionalDataOpt = "",
+    tokens: TokensOpt = 20_000,
+    skip_tokens: Annotated[
+        int, typer.Option("--skip-tokens", help="Kept tokens for layer skipping.")
+    ] = 4_000,
+    context_len: ContextOpt = 128,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Match the features of every consecutive pair of SAEs (SAE Match); permutations as safetensors, scores as
+    JSON. With --data, also the matching score on real tokens and layer skipping."""
+    from interlayer.flow.run import MatchSettings, match_run
+
+    sae_map = load_flow_saes(saes)
+    settings = MatchSettings(
+        tuple(t.strip() for t in terms.split(",")), fold, data, tokens, skip_tokens, context_len
+    )
+    lm = model_of(sae_map, model, device) if data else None
+    from interlayer.flow.evaluate import consecutive_pairs
+
+    with progress_bar("matching pairs", len(consecutive_pairs(list(sae_map)))) as bar:
+        summary = match_run(sae_map, out, settings, lm, on_pair=lambda _a, _b: bar.advance(1))
+    if not as_json:
+        rows = [
+            {k: v for k, v in row.items() if k != "layer_skipping"}
+            | {f"ev_{name}": v["ev"] for name, v in row.get("layer_skipping", {}).items()}
+            for row in summary["pairs"]
+        ]
+        print_table(f"SAE Match ({out})", rows)
+    emit({"out": str(out)} | summary, as_json)
+
+
+@flow_app.command("graph")
+def graph(
+    saes: SaesOpt,
+    feature: Annotated[
+        str, typer.Option("--feature", help="The root feature, SITE:INDEX (e.g. layers.3:123).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: graph.json, flow.json, report.html.")],
+    top_k: Annotated[int, typer.Option("--top-k", help="Matches followed per step (1: top-1 cosine).")] = 1,
+    residual_threshold: ResidualThresholdOpt = 0.5,
+    module_threshold: ModuleThresholdOpt = 0.15,
+    layers_back: Annotated[
+        int | None, typer.Option("--layers-back", help="Layers to walk back (default all).")
+    ] = None,
+    layers_forward: Annotated[
+        int | None, typer.Option("--layers-forward", help="Layers to walk forward (default all).")
+    ] = None,
+    model: OptionalModelOpt = None,
+    data: OptionalDataOpt = "",
+    tokens: TokensOpt = 8_000,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """The flow graph of one feature across layers (decoder cosines, cut below the thresholds), the classes of
+    every residual feature, and report.html; with --data the nodes show their top contexts."""
+    from interlayer.flow.graph import flow_graph, parse_feature
+    from interlayer.flow.report import write_graph_report
+    from interlayer.flow.similarity import FlowThresholds
+
+    sae_map = load_flow_saes(saes)
+    root = parse_feature(feature, sae_map)
+    thresholds = FlowThresholds(residual_threshold, module_threshold)
+    flow = flow_graph(sae_map, root, thresholds, top_k, layers_back, layers_forward)
+    lm = model_of(sae_map, model, device) if data else None
+    summary = write_graph_report(out, sae_map, [flow], thresholds, lm, data, tokens)
+    if not as_json:
+        print_table(
+            f"flow graph of {feature}",
+            [{"source": e.source, "target": e.target, "cosine": e.similarity} for e in flow.edges],
+        )
+        print(f"report: {summary['report']}")
+    emit(summary, as_json)
