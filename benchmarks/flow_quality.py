@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from interlayer.flow.interventions import SteeringTerm, feature_direction, layer_strengths, rescale, steer
 
 from interlayer.flow.evaluate import model_batches
 from interlayer.flow.graph import FlowNode, flow_graph, residual_site
-from interlayer.flow.report import flow_table, persistence_curves
 from interlayer.flow.run import MatchSettings, match_run
 from interlayer.flow.similarity import FlowThresholds, source_sites, top_cosines
+from interlayer.flow.steering import generate_ids
+from interlayer.flow.summary import flow_table, persistence_curves
 from interlayer.models import LoadedModel, load_model
 from interlayer.sae import SparseAutoencoder, load_saes
 from interlayer.sites import capture, resolve_sites
@@ -125,6 +125,8 @@ def _change(
     active: torch.Tensor,
 ) -> float:
     """1 − Σ a'/Σ a over the target's active tokens, a' its activation with the source feature deactivated."""
+    from interlayer.flow.interventions import rescale
+
     site, feature = target
     before = _activation(lm, saes[site], site, inputs, feature)[active].clamp_min(0).sum()
     with rescale(lm.model, saes[source[0]], source[0], source[1], 0.0):
@@ -218,20 +220,6 @@ PROMPTS = [
 
 
 @torch.no_grad()
-def _generate(lm: LoadedModel, prompt: str, terms: list[SteeringTerm], new_tokens: int) -> list[int]:
-    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    with steer(lm.model, terms):
-        out = lm.model.generate(
-            ids,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=lm.tokenizer.pad_token_id,
-        )
-    return out[0, ids.shape[1] :].tolist()
-
-
-@torch.no_grad()
 def _perplexity(lm: LoadedModel, prompt: str, continuation: list[int]) -> float:
     ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
     full = torch.cat([ids, torch.tensor([continuation])], dim=1)
@@ -245,6 +233,8 @@ def steering_part(runs: Path, features: int = 16, new_tokens: int = 24) -> dict[
     on which the feature fires most often), steer at equal total strength s: at its own layer alone, or
     spread with a constant schedule over its flow graph's residual chain (one node per layer, s/n each).
     Topic hit = a topic token appears in the greedy continuation; perplexity under the unsteered model."""
+    from interlayer.flow.interventions import SteeringTerm, feature_direction, layer_strengths
+
     saes = trained(runs, "prose-lm")
     lm = load_model(MODELS["prose-lm"])
     layer = 2
@@ -281,7 +271,7 @@ def steering_part(runs: Path, features: int = 16, new_tokens: int = 24) -> dict[
             }
             for name, terms in plans.items():
                 for prompt in PROMPTS:
-                    tokens = _generate(lm, prompt, terms, new_tokens)
+                    tokens = generate_ids(lm, prompt, terms, new_tokens)
                     stats[name][0] += bool(topic & set(tokens))
                     stats[name][1] += math.log(_perplexity(lm, prompt, tokens))
                     stats[name][2] += 1
@@ -294,7 +284,7 @@ def steering_part(runs: Path, features: int = 16, new_tokens: int = 24) -> dict[
                     "perplexity": math.exp(log_ppl / n),
                 }
             )
-    base = [_generate(lm, p, [], new_tokens) for p in PROMPTS]
+    base = [generate_ids(lm, p, [], new_tokens) for p in PROMPTS]
     baseline_ppl = math.exp(
         sum(math.log(_perplexity(lm, p, t)) for p, t in zip(PROMPTS, base, strict=True)) / len(PROMPTS)
     )
@@ -306,10 +296,92 @@ def steering_part(runs: Path, features: int = 16, new_tokens: int = 24) -> dict[
     }
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of BENCHMARKS.md from the results."""
+    lines = []
+    for key in [k for k in result if k.startswith("match:")]:
+        part = result[key]
+        lines += [
+            f"\n**{key[6:]}**: SAE Match between consecutive layers (20k validation tokens; layer skipping 4k)\n"
+        ]
+        lines += [
+            "| pair | folded MSE (median) | matching score | random | EV permuted | EV drop layer | EV SAE at t | ΔCE or pooled cos: permuted / drop / SAE at t |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|---|"]
+        for row in part["pairs"]:
+            skip = row.get("layer_skipping", {})
+            down = ""
+            if skip:
+                key2 = "delta_ce" if "delta_ce" in skip["permuted"] else "pooled_cosine"
+                down = (
+                    " / ".join(f"{skip[v][key2]:.3f}" for v in ("permuted", "drop_layer", "sae_at_t"))
+                    + f" ({key2})"
+                )
+            ev = [f"{skip[v]['ev']:.3f}" if skip else "" for v in ("permuted", "drop_layer", "sae_at_t")]
+            lines.append(
+                f"| {row['site_a']} → {row['site_b']} | {row['folded_mse_median']:.4f} | {row.get('matching_score', float('nan')):.3f} | "
+                f"{row.get('random_score', float('nan')):.4f} | {' | '.join(ev)} | {down} |"
+            )
+        comp = part["compositions"]
+        lines += ["", "Composed permutations from " + comp[0]["site_a"] + ": matching score by distance "]
+        lines += [
+            ", ".join(
+                f"{c['distance']}: {c['matching_score']:.3f} (random {c['random_score']:.4f})" for c in comp
+            )
+        ]
+        lines += [
+            "",
+            "| layer | translated | processed | born | unexplained | mean s(R) | chance s(R) | mean s(mlp) | chance s(mlp) | mean s(attn) | chance s(attn) |",
+        ]
+        lines += ["|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in part["classes"]:
+            cells = [
+                f"{row.get(c, float('nan')):.3f}" for c in ("translated", "processed", "born", "unexplained")
+            ]
+            for kind in ("residual", "mlp", "attn"):
+                cells += [
+                    f"{row.get(f'mean s({kind})', float('nan')):.3f}",
+                    f"{row.get(f'chance s({kind})', float('nan')):.3f}",
+                ]
+            lines.append(f"| {row['site']} | " + " | ".join(cells) + " |")
+        lines += ["", "Persistence (fraction still matched at cosine ≥ 0.5, by layers ahead): "]
+        lines += [
+            "; ".join(
+                f"from {site}: " + ", ".join(f"{v:.3f}" for v in curve)
+                for site, curve in part["persistence"].items()
+            )
+        ]
+    if "deactivation" in result:
+        lines += [
+            "",
+            "| method | targets | mean activation change | success rate (change ≥ 0.5) |",
+            "|---|---|---|---|",
+        ]
+        for method, row in result["deactivation"].items():
+            lines.append(
+                f"| {method} | {row['targets']} | {row['mean_activation_change']:.3f} | {row['success_rate']:.1%} |"
+            )
+    if "steering" in result:
+        st = result["steering"]
+        lines += [
+            "",
+            f"Steering ({len(st['features'])} features, unsteered perplexity {st['unsteered_perplexity']:.1f})",
+            "",
+        ]
+        lines += ["| strength / median norm | steering | topic rate | perplexity |", "|---|---|---|---|"]
+        for row in st["rows"]:
+            lines.append(
+                f"| {row['strength / median norm']} | {row['steering']} | {row['topic_rate']:.1%} | {row['perplexity']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=Path, default=Path("/work/flowruns"))
-    parser.add_argument("--part", default="match,deactivation,steering")
+    parser.add_argument(
+        "--part", default="match,deactivation,steering", help="Parts to run ('' prints the tables)."
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "flow_quality.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -325,7 +397,7 @@ def main() -> None:
     if "steering" in parts:
         result["steering"] = steering_part(args.runs)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if not k.startswith("match")}, indent=2))
+    print(markdown(result))
 
 
 if __name__ == "__main__":

@@ -106,11 +106,11 @@ def test_demo_trains_evaluates_and_reports(tmp_path: Path) -> None:
         k=8,
         batch_size=512,
         eval_tokens=600,
-        sites="layers.0,layers.5",
+        sites="layers.4,layers.5",
     )
     summary = run_demo(cfg)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    assert set(summary["sae"]) == {"layers.0", "layers.5"}
+    assert set(summary["sae"]) == {"layers.4", "layers.5"}
     for metrics in summary["sae"].values():  # 16 steps: a rough SAE, but better than the mean (EV 0)
         assert 0.05 < metrics["explained_variance"] < 1 and metrics["l0"] <= 8 and metrics["tokens"] >= 600
     expected = recompute(cfg, "layers.5")
@@ -141,16 +141,49 @@ def test_demo_trains_evaluates_and_reports(tmp_path: Path) -> None:
     html = (tmp_path / "report.html").read_text()
     assert "One SAE for every sparsity budget" in html
     page = assert_self_contained(html)
-    assert html.count('class="card"') == 2 * cfg.cards_per_site
+    graph_cards = sum(len(g["nodes"]) for g in summary["flow"]["graphs"])
+    assert html.count('class="card"') == 2 * cfg.cards_per_site + graph_cards
     header, *rows = page.table
     cells = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
-    assert set(cells) == {"layers.0", "layers.5"}
+    assert set(cells) == {"layers.4", "layers.5"}
     for site, metrics in summary["sae"].items():  # the report shows the measured numbers (4 digits)
         shown = float(cells[site]["explained_variance"])
         assert shown == pytest.approx(metrics["explained_variance"], rel=1e-3)
     assert float(cells["layers.5"]["explained_variance"]) == pytest.approx(
         expected["explained_variance"], rel=1e-3
     )
+    check_flow_stage(cfg, summary, html)
+
+
+def check_flow_stage(cfg: DemoConfig, summary: dict, html: str) -> None:
+    """SAE Match between layers 4 and 5 of each kind, the classes of layers.5, flow graphs rooted there."""
+    from interlayer.flow.match import FeatureMatch
+
+    flow = summary["flow"]
+    pairs = [(p["site_a"], p["site_b"]) for p in flow["match"]["pairs"]]
+    assert pairs == [
+        ("layers.4", "layers.5"),
+        ("layers.4.attn", "layers.5.attn"),
+        ("layers.4.mlp", "layers.5.mlp"),
+    ]
+    for a, b in pairs:
+        match = FeatureMatch.load(cfg.out / "flow" / "match" / "pairs" / f"{a}--{b}")
+        assert torch.equal(match.permutation.sort().values, torch.arange(cfg.latents))
+    residual = flow["match"]["pairs"][0]
+    assert residual["matching_score"] > residual["random_score"]
+    assert set(residual["layer_skipping"]) == {"permuted", "drop_layer", "sae_at_t"}
+    (classes,) = flow["classes"]
+    assert classes["site"] == "layers.5"
+    assert sum(classes[c] for c in ("translated", "processed", "born", "unexplained")) == pytest.approx(1.0)
+    roots = [g["root"].split(":")[0] for g in flow["graphs"]]
+    assert roots in (["layers.5"] * cfg.flow_graphs, ["layers.5"] * (cfg.flow_graphs - 1))  # the last: a born one
+    for title in (
+        "Feature flow graphs",
+        "Where residual features come from",
+        "Persistence over depth",
+        "SAE Match between layers",
+    ):
+        assert title in html
 
 
 @pytest.mark.parametrize(

@@ -202,7 +202,61 @@ def _formats_use(
     return {}, check
 
 
+def _flow_use(patch: pytest.MonkeyPatch, tmp: Path, _tiny: dict[str, Path]) -> tuple[dict[str, Any], Check]:
+    """docs/flow.md matches two layers, draws a flow graph and steers generation with SAEs of zoo:prose-lm at
+    every site: a tiny prose-lm (3 blocks) is built through the real zoo path and SAEs are trained with the
+    docs' own command at small sizes. The permutation must be scipy's dense optimum on the raw parameters
+    (TopK SAEs without data: no folding), and the steered tokens a greedy loop with s·v̂ added by hand."""
+    patch.setenv("INTERLAYER_CACHE", str(tmp / "cache"))
+    patch.setitem(zoo.REGISTRY, "prose-lm", replace(TINY, name="prose-lm", layers=3))
+    code = run_interlayer(
+        patch,
+        ["sae", "train", "--model", "zoo:prose-lm", "--data", "stdlib:docs", "--sites", "**", "--tokens", "2048",
+         "--latents", "64", "--k", "4", "--batch-size", "256", "--context-len", "64", "--model-batch-size", "8",
+         "--chunk-batches", "2", "--out", "runs/prose-lm"]
+    )  # fmt: skip
+    assert code == 0
+
+    def check(ns: dict[str, Any]) -> None:
+        from scipy.optimize import linear_sum_assignment
+
+        a, b = ns["saes"]["layers.1"], ns["saes"]["layers.2"]
+
+        def params(sae: Any) -> torch.Tensor:
+            bias = sae.b_enc_F - sae.W_enc_FD @ sae.b_dec_D
+            return torch.cat([sae.W_enc_FD, sae.W_dec_FD, bias[:, None]], 1).detach().double()
+
+        cost = torch.cdist(params(a), params(b)).pow(2).numpy()
+        rows, cols = linear_sum_assignment(cost)
+        assert ns["match"].permutation.tolist() == cols.tolist()
+        lm, terms = ns["lm"], ns["terms"]
+        assert [t.site for t in terms] == [n.site for n in ns["graph"].residual_chain()]
+        blocks = lm.model.model.layers
+        handles = []
+        for term in terms:
+            layer = int(term.site.split(".")[1])
+            add = term.strength * term.direction_D / term.direction_D.norm()
+            handles.append(
+                blocks[layer].register_forward_hook(
+                    lambda _m, _i, out, v=add: (out[0] + v, *out[1:]) if isinstance(out, tuple) else out + v
+                )
+            )
+        try:
+            ids = ns["ids"]
+            with torch.no_grad():
+                for _ in range(10):
+                    nxt = lm.model(input_ids=ids).logits[0, -1].argmax()
+                    ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert torch.equal(ns["steered"], ids)
+
+    return {}, check
+
+
 SETUPS: dict[str, Setup] = {
+    "docs/flow.md": _flow_use,
     "docs/sae-formats.md": _formats_use,
     "docs/saes.md": _saes_use,
     "README.md": _readme_use,

@@ -18,6 +18,15 @@ from interlayer.flow.graph import (
     persistence,
     pick_roots,
 )
+from interlayer.flow.interventions import (
+    SCHEDULES,
+    SteeringTerm,
+    feature_direction,
+    layer_strengths,
+    rescale,
+    steer,
+    steering_terms,
+)
 from interlayer.flow.match import TERMS, FeatureMatch, match_features, match_folded, random_match
 from interlayer.flow.similarity import (
     CLASSES,
@@ -30,6 +39,13 @@ from interlayer.flow.similarity import (
 )
 
 __all__ = [
+    "SCHEDULES",
+    "SteeringTerm",
+    "feature_direction",
+    "layer_strengths",
+    "rescale",
+    "steer",
+    "steering_terms",
     "CLASSES",
     "FOLDS",
     "TERMS",

@@ -159,3 +159,75 @@ def graph(
         )
         print(f"report: {summary['report']}")
     emit(summary, as_json)
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    """``a-b`` (or ``a``) → (a, b) with 0 ≤ a ≤ b."""
+    first, _, last = text.partition("-")
+    if not first.isdigit() or (last and not last.isdigit()):
+        raise UserError(f"--layers is a layer or a range a-b, e.g. 1-3; got {text!r}")
+    start, end = int(first), int(last or first)
+    if end < start:
+        raise UserError(f"--layers {text}: the range ends before it starts")
+    return start, end
+
+
+@flow_app.command("steer")
+def steer_command(
+    saes: SaesOpt,
+    feature: Annotated[
+        str, typer.Option("--feature", help="The feature to steer, SITE:INDEX (e.g. layers.2:17).")
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue with and without steering.")],
+    strength: Annotated[
+        float, typer.Option("--strength", help="s: the total added along the unit direction.")
+    ] = 8.0,
+    schedule: Annotated[
+        str,
+        typer.Option("--schedule", help="How s is spread over --layers: constant, linear or exponential."),
+    ] = "constant",
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers", help="Steer along the feature's flow graph over layers a-b (default: its layer only)."
+        ),
+    ] = None,
+    total: Annotated[
+        bool,
+        typer.Option("--total/--per-layer", help="Scale the layer strengths to sum to s, or give s to each."),
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 30,
+    model: OptionalModelOpt = None,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate from --prompt without and with steering one feature (or its flow graph across --layers)."""
+    from interlayer.flow.graph import flow_graph, parse_feature
+    from interlayer.flow.interventions import steering_terms
+    from interlayer.flow.steering import generate_pair
+
+    sae_map = load_flow_saes(saes)
+    root = parse_feature(feature, sae_map)
+    chain = [(root.site, root.feature)]
+    if layers is not None:
+        start, end = parse_layers(layers)
+        graph = flow_graph(sae_map, root)
+        chain = [(n.site, n.feature) for n in graph.residual_chain() if start <= n.layer <= end]
+        if not chain:
+            raise UserError(f"the flow graph of {feature} has no residual feature in layers {layers}")
+    lm = model_of(sae_map, model, device)
+    if not lm.is_causal_lm:
+        raise UserError(f"{lm.name} has no LM head: steering prints generated text, which needs a causal LM")
+    terms = steering_terms(sae_map, chain, strength, schedule, total=total)
+    plain, steered = generate_pair(lm, prompt, terms, max_new_tokens)
+    summary = {
+        "prompt": prompt,
+        "unsteered": plain,
+        "steered": steered,
+        "terms": [{"site": t.site, "strength": t.strength} for t in terms],
+    }
+    if not as_json:
+        print_table("steering", [{"site": t.site, "strength": t.strength} for t in terms])
+        print(f"without: {prompt}{plain}")
+        print(f"with:    {prompt}{steered}")
+    emit(summary, as_json)

@@ -4,14 +4,14 @@ over depth, and SAE Match scores; and the files ``flow graph`` writes (graph.jso
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from html import escape
 from pathlib import Path
 from typing import Any
 
 from interlayer.atomic import write_json
 from interlayer.flow.contexts import feature_cards
-from interlayer.flow.graph import FlowGraph, persistence, site_layer
-from interlayer.flow.similarity import CLASSES, FlowThresholds, chance_cosine, layer_flow, source_sites
+from interlayer.flow.graph import FlowGraph
+from interlayer.flow.similarity import CLASSES, FlowThresholds
+from interlayer.flow.summary import flow_table, persistence_curves
 from interlayer.models import LoadedModel
 from interlayer.report import (
     FeatureCard,
@@ -24,37 +24,6 @@ from interlayer.report import (
     write_report,
 )
 from interlayer.sae import SparseAutoencoder
-
-
-def residual_layers(saes: Mapping[str, SparseAutoencoder]) -> list[int]:
-    """The layers ≥ 0 with a residual SAE, in order."""
-    return sorted(layer for layer, kind in map(site_layer, saes) if kind == "residual" and layer >= 0)
-
-
-def flow_table(saes: Mapping[str, SparseAutoencoder], thresholds: FlowThresholds) -> list[dict[str, Any]]:
-    """Per residual layer with a residual SAE before it: the fraction of its features in each class, and the
-    chance level of the top-1 cosine in each source dictionary."""
-    rows = []
-    for layer in residual_layers(saes):
-        if source_sites(layer)["residual"] not in saes:
-            continue
-        flow = layer_flow(saes, layer, thresholds)
-        row: dict[str, Any] = {"site": f"layers.{layer}"} | flow.fractions()
-        for kind, site in source_sites(layer).items():
-            if site in saes:
-                row[f"mean s({kind})"] = float(flow.scores[kind].mean())
-                row[f"chance s({kind})"] = chance_cosine(saes[site].W_dec_FD.detach())
-        rows.append(row)
-    return rows
-
-
-def persistence_curves(
-    saes: Mapping[str, SparseAutoencoder], thresholds: FlowThresholds
-) -> dict[str, list[float]]:
-    """Start site → persistence curve (:func:`interlayer.flow.graph.persistence`), for every residual layer
-    with a later one."""
-    layers = residual_layers(saes)
-    return {f"layers.{start}": persistence(saes, start, thresholds) for start in layers[:-1]}
 
 
 def graph_sections(
@@ -137,12 +106,19 @@ def match_section(summary: Mapping[str, Any]) -> Section:
     )
     compositions = [c for c in summary.get("compositions", []) if "matching_score" in c]
     if compositions:
-        series = {
-            "composed permutation": [(float(c["distance"]), c["matching_score"]) for c in compositions],
-            "random permutation": [(float(c["distance"]), c["random_score"]) for c in compositions],
+        by_distance: dict[int, list[tuple[float, float]]] = {}
+        for c in compositions:
+            by_distance.setdefault(c["distance"], []).append((c["matching_score"], c["random_score"]))
+        mean = {
+            d: [sum(v) / len(v) for v in zip(*pairs, strict=True)] for d, pairs in sorted(by_distance.items())
         }
-        first = escape(str(compositions[0]["site_a"]))
-        body += f"<p>Matching score of the composed permutation from {first} to each later layer.</p>"
+        series = {
+            "composed permutation": [(float(d), m[0]) for d, m in mean.items()],
+            "random permutation": [(float(d), m[1]) for d, m in mean.items()],
+        }
+        body += (
+            "<p>Matching score of permutations composed over several layers, averaged over start layers.</p>"
+        )
         body += line_plot_svg(series, "layers apart", "matching score")
     return Section("SAE Match between layers", body)
 

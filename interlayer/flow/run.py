@@ -12,7 +12,7 @@ Output folder::
 A killed run resumes at the first pair without ``scores.json``; pairs already done are read back, not redone.
 Scores of a pair: folded MSE (mean and median over pairs of features), and with activations (a model and
 data) the matching score against a random permutation and, for consecutive residual sites, layer skipping
-(:mod:`interlayer.flow.evaluate`). Compositions: P(first residual → each later residual) by composing the
+(:mod:`interlayer.flow.evaluate`). Compositions: P(A → C) for every pair of residual sites, by composing the
 consecutive permutations, with its matching score when activations are given (how far features persist).
 """
 
@@ -189,23 +189,23 @@ def _compositions(
     matches: Mapping[tuple[str, str], FeatureMatch],
     acts: Mapping[str, torch.Tensor],
 ) -> list[dict[str, Any]]:
-    """P(first residual → each later residual along an unbroken chain of matches), with matching scores."""
-    chain = [(a, b) for a, b in matches if site_layer(a)[1] == "residual"]
-    if not chain:
-        return []
-    first, composed = chain[0][0], None
+    """P(A → C) for every pair of residual sites A before C joined by an unbroken chain of consecutive
+    matches (composed), with its matching score when activations are given: how far features persist."""
+    following = {a: b for a, b in matches if site_layer(a)[1] == "residual"}
     rows = []
-    for a, b in chain:
-        if composed is not None and composed.site_b != a:
-            break
-        composed = matches[(a, b)] if composed is None else composed.compose(matches[(a, b)])
-        row: dict[str, Any] = {
-            "site_a": first,
-            "site_b": b,
-            "distance": site_layer(b)[0] - site_layer(first)[0],
-        }
-        if acts:
-            score = matching_score(saes[first], saes[b], composed, acts[first], acts[b])
-            row |= {k: score[k] for k in ("matching_score", "random_score")}
-        rows.append(row)
+    for start in sorted(following, key=site_layer):
+        composed, site = None, start
+        while site in following:
+            step = matches[(site, following[site])]
+            composed = step if composed is None else composed.compose(step)
+            site = following[site]
+            row: dict[str, Any] = {
+                "site_a": start,
+                "site_b": site,
+                "distance": site_layer(site)[0] - site_layer(start)[0],
+            }
+            if acts:
+                score = matching_score(saes[start], saes[site], composed, acts[start], acts[site])
+                row |= {k: score[k] for k in ("matching_score", "random_score")}
+            rows.append(row)
     return rows

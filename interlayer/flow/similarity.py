@@ -79,9 +79,8 @@ def transitions(W_a_FD: torch.Tensor, W_b_GD: torch.Tensor, k: int) -> torch.Ten
     keep_FK = values_FK > 0
     rows_FK = torch.arange(values_FK.shape[0])[:, None].expand_as(values_FK)
     index_2N = torch.stack([rows_FK[keep_FK], indices_FK[keep_FK]])
-    return torch.sparse_coo_tensor(
-        index_2N, values_FK[keep_FK], (W_a_FD.shape[0], W_b_GD.shape[0])
-    ).coalesce()
+    shape = (W_a_FD.shape[0], W_b_GD.shape[0])
+    return torch.sparse_coo_tensor(index_2N, values_FK[keep_FK], shape, check_invariants=True).coalesce()
 
 
 def chance_cosine(W_GD: torch.Tensor, samples: int = 512, quantile: float = 0.99, seed: int = 0) -> float:

@@ -58,7 +58,8 @@ def test_match_writes_pairs_scores_and_resumes(tiny_models, tmp_path, capsys) ->
     assert set(skip) == {"permuted", "drop_layer", "sae_at_t"}
     assert skip["permuted"]["ev"] != skip["drop_layer"]["ev"]
     assert "layer_skipping" not in pairs[("layers.1.mlp", "layers.2.mlp")]  # module sites: no skipping
-    assert [c["site_b"] for c in summary["compositions"]] == ["layers.1", "layers.2"]
+    composed = [(c["site_a"], c["site_b"], c["distance"]) for c in summary["compositions"]]
+    assert composed == [("layers.0", "layers.1", 1), ("layers.0", "layers.2", 2), ("layers.1", "layers.2", 1)]
 
     # resume: a pair whose scores.json is gone is redone, identically; the others are read back
     done = out / "pairs" / "layers.1--layers.2" / "scores.json"

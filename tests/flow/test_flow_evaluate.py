@@ -45,7 +45,9 @@ def test_co_firing_by_hand() -> None:
     assert co_firing(fires_a, fires_b, torch.tensor([0, 1]), 1) == pytest.approx((1 / 3 + 1 / 2) / 2)
     # swapped: 0 → B's 1 (t0, t1 of t0-2) = 2/3; 1 → B's 0 (t1, t3) = 1
     assert co_firing(fires_a, fires_b, torch.tensor([1, 0]), 1) == pytest.approx((2 / 3 + 1) / 2)
-    assert co_firing(fires_a, fires_b, torch.tensor([1, 0]), 3) == pytest.approx(2 / 3)  # only feature 0 scored
+    assert co_firing(fires_a, fires_b, torch.tensor([1, 0]), 3) == pytest.approx(
+        2 / 3
+    )  # only feature 0 scored
 
 
 def test_transfer_codes_places_scaled_codes_at_the_match() -> None:
@@ -92,9 +94,10 @@ def test_layer_skipping_against_hand_computations(tiny_models, family: str) -> N
         h0.append(acts["layers.0"][batch.keep_BT])
         h1.append(acts["layers.1"][batch.keep_BT])
         replaced = acts["layers.0"]
-        with splice(lm.model, {sites[1]: lambda h, r=replaced, k=batch.keep_BT: torch.where(k[..., None], r, h)}):
-            with torch.no_grad():
-                dropped = lm.model(**batch.inputs)
+        with splice(
+            lm.model, {sites[1]: lambda h, r=replaced, k=batch.keep_BT: torch.where(k[..., None], r, h)}
+        ), torch.no_grad():
+            dropped = lm.model(**batch.inputs)
         if lm.is_causal_lm:
             ce_clean += next_token_ce_sum(clean.logits, batch.inputs["input_ids"], batch.keep_BT)[0]
             ce, n = next_token_ce_sum(dropped.logits, batch.inputs["input_ids"], batch.keep_BT)
@@ -124,7 +127,9 @@ def test_layer_skipping_needs_consecutive_residual_sites(tiny_models) -> None:
 
 def test_site_activations_align_tokens_and_pairs_are_consecutive(tiny_models) -> None:
     lm = load_model(str(tiny_models["llama"]))
-    acts = site_activations(lm, ["layers.0", "layers.1.mlp"], "stdlib:docs", 100, context_len=32, batch_size=4)
+    acts = site_activations(
+        lm, ["layers.0", "layers.1.mlp"], "stdlib:docs", 100, context_len=32, batch_size=4
+    )
     assert acts["layers.0"].shape[0] == acts["layers.1.mlp"].shape[0] >= 100
     sites = ["layers.2", "layers.0", "layers.1", "layers.1.mlp", "layers.2.mlp", "layers.0.attn", "embed"]
     assert consecutive_pairs(sites) == [

@@ -106,7 +106,9 @@ def test_flow_graph_follows_the_chain_and_cuts() -> None:
     assert [n.site for n in chain] == ["embed", "layers.0", "layers.1", "layers.2", "layers.3"]
     for node in chain:  # every node of the chain is the same direction
         row = saes[node.site].W_dec_FD[node.feature].detach()
-        assert float(torch.nn.functional.cosine_similarity(row, basis_DD[5], dim=0)) == pytest.approx(1.0, abs=1e-5)
+        assert float(torch.nn.functional.cosine_similarity(row, basis_DD[5], dim=0)) == pytest.approx(
+            1.0, abs=1e-5
+        )
     assert len(graph.edges) == 4 and all(e.similarity == pytest.approx(1.0, abs=1e-5) for e in graph.edges)
     # the born feature of layers.1 is cut from layers.0 but gets its MLP node; forward it reaches layers.3
     born = flow_graph(saes, parse_feature("layers.1:0", saes))
