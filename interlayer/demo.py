@@ -5,7 +5,7 @@ such function and appending it to :data:`STAGES`. The model is loaded once and s
 
 Stage "budgets": one HierarchicalTopK SAE on the last site against that site's TopK SAE, at k/4, k/2 and k.
 
-Stage "flow": TopK SAEs at every attention and MLP output too; SAE Match between consecutive layers of each
+Stage "flow": TopK SAEs at the attention and MLP outputs of the same layers too; SAE Match between consecutive layers of each
 kind (permutations, matching scores, layer skipping); the classes of every residual feature; flow graphs of a
 few features (the most persistent and the most clearly born in a module at the last layer) with their top
 contexts; persistence over depth.
@@ -236,26 +236,30 @@ def flow_stage(ctx: DemoContext) -> list[Section]:
     from interlayer.flow.similarity import FlowThresholds
 
     cfg, lm = ctx.cfg, ctx.lm
-    modules = _train(
-        ctx,
-        "layers.*.attn,layers.*.mlp",
-        TopKConfig(d_in=1, latents=cfg.latents, k=cfg.k),
-        cfg.out / "module_saes",
+    residual = resolve_sites(lm.model, cfg.sites)
+    module_sites = ",".join(
+        f"layers.{site.layer}.attn,layers.{site.layer}.mlp" for site in residual if site.layer >= 0
     )
-    saes = {site.name: load_sae(cfg.out / "saes" / site.name) for site in resolve_sites(lm.model, cfg.sites)}
+    modules = _train(
+        ctx, module_sites, TopKConfig(d_in=1, latents=cfg.latents, k=cfg.k), cfg.out / "module_saes"
+    )
+    saes = {site.name: load_sae(cfg.out / "saes" / site.name) for site in residual}
     saes |= modules
     settings = MatchSettings(data=cfg.data, tokens=cfg.eval_tokens, skip_tokens=cfg.eval_tokens // 4)
-    with progress_bar("SAE Match", len(consecutive_pairs(list(saes)))) as bar:
-        matched = match_run(
-            saes, cfg.out / "flow" / "match", settings, lm, on_pair=lambda _a, _b: bar.advance(1)
-        )
+    pairs = consecutive_pairs(list(saes))
+    matched: dict[str, Any] = {"pairs": [], "compositions": []}
+    if pairs:  # a demo on one layer has none
+        with progress_bar("SAE Match", len(pairs)) as bar:
+            matched = match_run(
+                saes, cfg.out / "flow" / "match", settings, lm, on_pair=lambda _a, _b: bar.advance(1)
+            )
     thresholds = FlowThresholds()
     graphs = [flow_graph(saes, root, thresholds) for root in pick_roots(saes, thresholds, cfg.flow_graphs)]
     nodes = [(n.site, n.feature) for g in graphs for n in g.nodes.values()]
     cards = feature_cards(lm, saes, nodes, cfg.data, cfg.eval_tokens, context_len=cfg.context_len)
     sections, shown = flow_sections(saes, graphs, thresholds, cards)
     ctx.summary["flow"] = {"match": matched, "graphs": [g.to_json() for g in graphs]} | shown
-    return [*sections, match_section(matched)]
+    return [*sections, match_section(matched)] if pairs else sections
 
 
 Stage = Callable[[DemoContext], list[Section]]

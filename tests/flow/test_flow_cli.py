@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from interlayer.flow.match import FeatureMatch
@@ -128,3 +129,33 @@ def test_bad_input_is_one_line(tiny_models, tmp_path, capsys) -> None:
     del tensors["threshold"]
     save_file(tensors, tmp_path / "jump" / "sae.safetensors")
     assert_user_error(run_cli([*match, "--saes", str(tmp_path / "jump")], capsys), "threshold")
+
+
+def test_steer_prints_both_continuations(tiny_models, tmp_path, capsys) -> None:
+    run = write_run(tmp_path / "run", tiny_models["llama"], 32)
+    perm = torch.load(tmp_path / "perm.pt")
+    back = int((perm == 5).nonzero())
+    args = ["flow", "steer", "--saes", str(run), "--feature", "layers.1:5", "--prompt", "The json module"]
+    args += ["--strength", "60", "--max-new-tokens", "6", "--json"]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    single = json.loads(stdout.strip().splitlines()[-1])
+    assert single["terms"] == [{"site": "layers.1", "strength": 60.0}]
+    assert single["steered"] != single["unsteered"]
+    # over layers 0-2 the flow graph's residual chain is layers.0:back → layers.1:5 (layers.2 is unrelated)
+    code, stdout, err = run_cli([*args, "--layers", "0-2", "--schedule", "linear", "--total"], capsys)
+    assert code == 0, err
+    spread = json.loads(stdout.strip().splitlines()[-1])
+    assert [t["site"] for t in spread["terms"]] == ["layers.0", "layers.1"]
+    assert sum(t["strength"] for t in spread["terms"]) == pytest.approx(60.0)
+    assert spread["unsteered"] == single["unsteered"]
+    assert back >= 0
+    assert_user_error(run_cli([*args, "--schedule", "cubic"], capsys), "constant")
+    assert_user_error(run_cli([*args, "--layers", "3-1"], capsys), "ends before it starts")
+    encoder_run = write_run(tmp_path / "enc", tiny_models["bert"], 32, sites=("layers.0", "layers.1"))
+    assert_user_error(
+        run_cli(
+            ["flow", "steer", "--saes", str(encoder_run), "--feature", "layers.1:5", "--prompt", "x"], capsys
+        ),
+        "no LM head",
+    )
