@@ -17,9 +17,11 @@ linear-programming certificate that it is the optimum of the full problem:
    violating entries (up to K per row) join the candidates and the loop returns to 2; it ends because the
    candidate set only grows.
 
-Costs, duals and the check all read the same float32 C (in float64 arithmetic), so the optimum certified is
-the one scipy's dense solver finds on that matrix (tested); tol = 1e-9 · max C only absorbs the float64
-rounding of the Bellman–Ford sums.
+C is first divided by max |C| (no optimum changes), so that the shift the sparse solver needs and the
+tolerances below mean the same at every scale of the inputs. Costs, duals and the check all read the same
+float32 C (in float64 arithmetic), so the permutation certified is optimal for that matrix, the one scipy's
+dense solver is handed too (tested, also at input scales down to 1e-6), up to tol = 1e-9 per entry, which
+absorbs the float64 rounding of the Bellman–Ford sums.
 """
 
 from __future__ import annotations
@@ -139,9 +141,10 @@ def _violations(
 def assignment(a_FP: torch.Tensor, b_FP: torch.Tensor, k: int = CANDIDATES) -> torch.Tensor:
     """π minimising Σ_i ‖a_i − b_π(i)‖² over permutations, certified optimal (see the module docstring)."""
     cost_FF = squared_distances(a_FP.float(), b_FP.float())
+    cost_FF /= max(float(cost_FF.abs().max()), torch.finfo(torch.float32).tiny)  # scale-free: max |C| = 1
     n = cost_FF.shape[0]
     k = min(k, n)
-    tol = 1e-9 * max(float(cost_FF.abs().max()), 1.0)
+    tol = 1e-9
     keys = _initial_candidates(cost_FF, k)
     while True:
         rows_E, cols_E = keys // n, keys % n

@@ -42,18 +42,27 @@ ModuleThresholdOpt = Annotated[
 ]
 
 
-def load_flow_saes(paths: list[Path]) -> dict[str, SparseAutoencoder]:
-    """Site → SAE from one run folder, or from several SAE folders (a site twice is an error)."""
+def load_flow_saes(paths: list[Path], device: str = "cpu") -> dict[str, SparseAutoencoder]:
+    """Site → SAE from one run folder, or from several SAE folders, on ``device``: a site twice, or SAEs of
+    different widths or models, is an error."""
+    from interlayer.models import pick_device
     from interlayer.sae import load_saes
 
     if not paths:
         raise UserError("pass --saes: a run folder, or several SAE folders")
     saes: dict[str, SparseAutoencoder] = {}
     for path in paths:
-        for site, sae in load_saes(path).items():
+        for site, sae in load_saes(path, pick_device(device)).items():
             if site in saes:
                 raise UserError(f"two SAEs for site {site} among --saes; pass one per site")
             saes[site] = sae
+    widths = {sae.cfg.d_in for sae in saes.values()}
+    models = {sae.cfg.model for sae in saes.values() if sae.cfg.model}
+    if len(widths) > 1 or len(models) > 1:
+        detail = ", ".join(
+            f"{site}: d_in {sae.cfg.d_in}, model {sae.cfg.model or '?'}" for site, sae in saes.items()
+        )
+        raise UserError(f"the SAEs must read one model, but they differ ({detail})")
     return saes
 
 
@@ -99,7 +108,7 @@ def match(
     JSON. With --data, also the matching score on real tokens and layer skipping."""
     from interlayer.flow.run import MatchSettings, match_run
 
-    sae_map = load_flow_saes(saes)
+    sae_map = load_flow_saes(saes, device)
     settings = MatchSettings(
         tuple(t.strip() for t in terms.split(",")), fold, data, tokens, skip_tokens, context_len
     )
@@ -146,7 +155,7 @@ def graph(
     from interlayer.flow.report import write_graph_report
     from interlayer.flow.similarity import FlowThresholds
 
-    sae_map = load_flow_saes(saes)
+    sae_map = load_flow_saes(saes, device)
     root = parse_feature(feature, sae_map)
     thresholds = FlowThresholds(residual_threshold, module_threshold)
     flow = flow_graph(sae_map, root, thresholds, top_k, layers_back, layers_forward)
@@ -180,7 +189,10 @@ def steer_command(
     ],
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue with and without steering.")],
     strength: Annotated[
-        float, typer.Option("--strength", help="s: the total added along the unit direction.")
+        float,
+        typer.Option(
+            "--strength", help="s: added along the unit direction at each layer (with --total: in all)."
+        ),
     ] = 8.0,
     schedule: Annotated[
         str,
@@ -206,7 +218,7 @@ def steer_command(
     from interlayer.flow.interventions import steering_terms
     from interlayer.flow.steering import generate_pair
 
-    sae_map = load_flow_saes(saes)
+    sae_map = load_flow_saes(saes, device)
     root = parse_feature(feature, sae_map)
     chain = [(root.site, root.feature)]
     if layers is not None:

@@ -39,9 +39,6 @@ from interlayer.sae import SparseAutoencoder
 from interlayer.sae.metrics import cosine_sum, next_token_ce_sum, pooled_embedding
 from interlayer.sites import Site, capture, hooks, replace_kept, resolve_sites
 
-SKIP_VARIANTS = ("permuted", "drop_layer", "sae_at_t")
-"""The replacements of the hidden state after block t+1 that layer skipping compares."""
-
 
 @dataclass(frozen=True)
 class TokenBatch:
@@ -145,7 +142,8 @@ def transfer_codes(z_a_NF: torch.Tensor, permutation: torch.Tensor, ratio_F: tor
 def skip_functions(
     sae_a: SparseAutoencoder, sae_b: SparseAutoencoder, match: FeatureMatch, ratio_F: torch.Tensor
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """Each variant of :data:`SKIP_VARIANTS` as a map h_t [n, d] → ĥ_{t+1} [n, d]."""
+    """Each variant of layer skipping (``permuted``, ``drop_layer``, ``sae_at_t``) as a map h_t [n, d] →
+    ĥ_{t+1} [n, d]."""
     return {
         "permuted": lambda h: sae_b.decode(transfer_codes(sae_a.encode(h), match.permutation, ratio_F)),
         "drop_layer": lambda h: h,

@@ -88,9 +88,14 @@ def _scale(sae: SparseAutoencoder, fold: str, x_ND: torch.Tensor | None) -> tupl
     theta_F = thresholds(sae)
     if fold == "threshold" or (fold == "auto" and theta_F is not None):
         if theta_F is None:
+            why = (
+                "its inference threshold was never set (it did not train)"
+                if isinstance(sae, BatchTopKSAE)
+                else "only JumpReLU and BatchTopK SAEs have them"
+            )
             raise UserError(
-                f"the {sae.cfg.architecture} SAE at {where} has no thresholds to fold (only JumpReLU and "
-                "BatchTopK SAEs do); fold with data scales (--fold data, with --model and --data) or none"
+                f"the {sae.cfg.architecture} SAE at {where} has no thresholds to fold ({why}); fold with data "
+                "scales (--fold data, with --model and --data) or none"
             )
         return torch.where(theta_F > 0, theta_F, torch.ones_like(theta_F)), "threshold"
     if fold == "data" or (fold == "auto" and x_ND is not None):

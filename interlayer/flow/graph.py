@@ -6,8 +6,9 @@ cosines (:mod:`interlayer.flow.similarity`) and thresholds τ_R, τ_M:
 
 - backward: the best matches of f in the residual SAE at L−1 with cosine ≥ τ_R become its predecessors, and
   the walk continues from them; below τ_R the graph is cut there (s(R) < 0.5 in the paper);
-- forward: the features g of the residual SAE at L+1 among f's best matches with cosine ≥ τ_R become its
-  successors, and the walk continues from them;
+- forward: the features g of the residual SAE at L+1 whose best matches at L (their predecessors, as the
+  classes define them) include f with cosine ≥ τ_R become its successors, and the walk continues from them
+  (so f → g exactly when walking back from g would reach f, and a feature that splits finds all its heirs);
 - at every residual node of layer l, the best matches in the MLP-output and attention-output SAEs of layer l
   with cosine ≥ τ_M are attached as module nodes (edges module → residual); they are leaves.
 
@@ -17,6 +18,7 @@ cosine ≥ τ_M, then forward as above. Edges carry the cosine. ``layers_back``/
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -120,7 +122,7 @@ def residual_site(layer: int) -> str:
 def parse_feature(text: str, saes: Mapping[str, SparseAutoencoder]) -> FlowNode:
     """``site:index`` → a node, checked against the SAEs: the site must have one and the index be in range."""
     site, sep, index = text.rpartition(":")
-    if not sep or not index.isdigit():
+    if not sep or not re.fullmatch(r"[0-9]+", index):
         raise UserError(f"a feature is written SITE:INDEX, e.g. layers.3:123; got {text!r}")
     if site not in saes:
         raise UserError(f"no SAE for site {site} in the folder; it has: {', '.join(saes)}")
@@ -139,6 +141,23 @@ def _best(
         saes[node.site].W_dec_FD[node.feature : node.feature + 1], saes[site].W_dec_FD, k
     )
     return list(zip(indices[0].tolist(), values[0].tolist(), strict=True))
+
+
+def _successors(
+    saes: Mapping[str, SparseAutoencoder],
+    node: FlowNode,
+    site: str,
+    k: int,
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> list[tuple[int, float]]:
+    """The features g of the SAE at ``site`` whose top-k matches in ``node``'s SAE include ``node``: (g, cosine)."""
+    if site not in cache:  # every feature's top-k predecessors, once per layer
+        values, indices = top_cosines(saes[site].W_dec_FD, saes[node.site].W_dec_FD, k)
+        cache[site] = (values.cpu(), indices.cpu())
+    values_GK, indices_GK = cache[site]
+    hits_GK = indices_GK == node.feature
+    features = hits_GK.any(1).nonzero().squeeze(1)
+    return [(int(g), float(values_GK[g][hits_GK[g]].max())) for g in features]
 
 
 def _attach_modules(
@@ -176,6 +195,7 @@ def flow_graph(
                 starts.append(FlowNode(target, feature))
                 graph.add(root, starts[-1], cos)
     attached: set[str] = set()
+    predecessors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for direction, bound in ((-1, layers_back), (+1, layers_forward)):
         if direction < 0 and root.kind != "residual":
             continue
@@ -190,7 +210,12 @@ def flow_graph(
                 layer = node.layer + direction
                 if layer < -1 or residual_site(layer) not in saes:
                     continue
-                for feature, cos in _best(saes, node, residual_site(layer), top_k):
+                found = (
+                    _best(saes, node, residual_site(layer), top_k)
+                    if direction < 0
+                    else _successors(saes, node, residual_site(layer), top_k, predecessors)
+                )
+                for feature, cos in found:
                     other = FlowNode(residual_site(layer), feature)
                     if cos < thresholds.residual:
                         continue
@@ -208,28 +233,36 @@ def flow_graph(
 def persistence(
     saes: Mapping[str, SparseAutoencoder], start: int, thresholds: FlowThresholds = FlowThresholds()
 ) -> list[float]:
-    """Entry Δ: the fraction of the features of residual layer ``start`` whose chain of top-1 residual matches
-    forward stays at cosine ≥ τ_R for Δ consecutive layers (entry 0 is 1); as long as there are SAEs."""
+    """Entry Δ: the fraction of the features of residual layer ``start`` with a chain of successors (features of
+    the next layer whose best residual match is the current one, cosine ≥ τ_R; the strongest when several)
+    that lasts Δ layers (entry 0 is 1); as long as there are SAEs."""
     if residual_site(start) not in saes:
         raise UserError(f"no SAE at {residual_site(start)}; the folder has {', '.join(saes)}")
-    chain_F = torch.arange(saes[residual_site(start)].cfg.latents)
-    alive_F = torch.ones_like(chain_F, dtype=torch.bool)
+    chain_F = torch.arange(saes[residual_site(start)].cfg.latents)  # −1 once a chain has ended
     curve = [1.0]
     layer = start
     while residual_site(layer + 1) in saes:
-        values, indices = top_cosines(
-            saes[residual_site(layer)].W_dec_FD[chain_F], saes[residual_site(layer + 1)].W_dec_FD
+        here, after = saes[residual_site(layer)], saes[residual_site(layer + 1)]
+        values_G, pred_G = (t[:, 0].cpu() for t in top_cosines(after.W_dec_FD, here.W_dec_FD))
+        ok_G = values_G >= thresholds.residual
+        best_F = torch.full((here.cfg.latents,), -math.inf).scatter_reduce(
+            0, pred_G[ok_G], values_G[ok_G], "amax"
         )
-        alive_F &= values[:, 0].cpu() >= thresholds.residual
-        chain_F = indices[:, 0].cpu()
-        curve.append(float(alive_F.float().mean()))
+        heir_F = torch.full((here.cfg.latents,), -1, dtype=torch.int64)
+        g_ok = ok_G.nonzero().squeeze(1)
+        strongest = values_G[g_ok] == best_F[pred_G[g_ok]]
+        heir_F[pred_G[g_ok][strongest]] = g_ok[strongest]
+        alive_F = chain_F >= 0
+        chain_F[alive_F] = heir_F[chain_F[alive_F]]
+        curve.append(float((chain_F >= 0).float().mean()))
         layer += 1
     return curve
 
 
 def pick_roots(saes: Mapping[str, SparseAutoencoder], thresholds: FlowThresholds, n: int) -> list[FlowNode]:
-    """``n`` features of the last residual layer worth drawing: the n−1 with the highest residual cosine s(R)
-    (the most persistent) and the feature born in a module with the highest module cosine (when one is)."""
+    """Up to ``n`` distinct features of the last residual layer worth drawing: the n−1 with the highest
+    residual cosine s(R) (the most persistent) and the feature born in a module with the highest module cosine
+    (when one is born)."""
     layers = sorted(
         layer
         for layer, kind in map(site_layer, saes)
@@ -247,5 +280,7 @@ def pick_roots(saes: Mapping[str, SparseAutoencoder], thresholds: FlowThresholds
     ).amax(0)
     born_F = flow.classes == CLASSES.index("born")
     if n > 1 and bool(born_F.any()):
-        roots.append(FlowNode(site, int(torch.where(born_F, module_F, -1.0).argmax())))
+        born = FlowNode(site, int(torch.where(born_F, module_F, -1.0).argmax()))
+        if born not in roots:
+            roots.append(born)
     return roots

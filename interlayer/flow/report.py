@@ -71,7 +71,8 @@ def flow_sections(
             "s(R), a module high), unexplained (all low). The chance columns give the top-1 cosine that random "
             "directions reach in each dictionary (99th percentile).</p>"
         )
-        columns = ["site", *CLASSES] + [c for c in table[0] if c.startswith(("mean", "chance"))]
+        seen = dict.fromkeys(c for row in table for c in row)  # every layer's sources, in order
+        columns = ["site", *CLASSES] + [c for c in seen if c.startswith(("mean", "chance"))]
         sections.append(Section("Where residual features come from", intro + metrics_table(table, columns)))
     if curves:
         series = {

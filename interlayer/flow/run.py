@@ -2,7 +2,8 @@
 
 Output folder::
 
-    settings.json                    what was asked (a rerun with other settings is refused, not mixed in)
+    settings.json                    what was asked and a fingerprint of every SAE (a rerun with other
+                                     settings or other SAEs is refused, not mixed in)
     pairs/<site_a>--<site_b>/        one folder per pair, written in this order:
         match.safetensors            permutation [F] (int64) and folded MSE [F]
         match.json                   sites, terms, fold
@@ -18,6 +19,7 @@ consecutive permutations, with its matching score when activations are given (ho
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +80,25 @@ def pair_folder(out: Path, site_a: str, site_b: str) -> Path:
     return out / "pairs" / f"{site_a}--{site_b}"
 
 
-def _check_settings(out: Path, settings: MatchSettings, sites: Sequence[str]) -> None:
-    recorded = {"settings": settings.to_json(), "sites": list(sites)}
+def sae_fingerprint(sae: SparseAutoencoder) -> dict[str, Any]:
+    """What identifies an SAE for a resume: its model, size and a SHA-256 of its tensors."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sae.file_tensors().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return {
+        "model": sae.cfg.model,
+        "latents": sae.cfg.latents,
+        "d_in": sae.cfg.d_in,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def _check_settings(out: Path, settings: MatchSettings, saes: Mapping[str, SparseAutoencoder]) -> None:
+    recorded = {
+        "settings": settings.to_json(),
+        "saes": {site: sae_fingerprint(saes[site]) for site in sorted(saes)},
+    }
     path = out / "settings.json"
     if path.exists():
         previous = read_json_object(path, "flow match settings")
@@ -112,7 +131,7 @@ def match_run(
         check_matchable(saes[site_a], saes[site_b])
     if settings.data and lm is None:
         raise UserError("data evaluations need a model: pass --model with --data")
-    _check_settings(out, settings, sorted(saes))
+    _check_settings(out, settings, saes)
     acts = _activations(saes, pairs, settings, lm)
     batches = (
         list(

@@ -19,7 +19,7 @@ def generate_ids(
     input_ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(lm.device)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
     with steer(lm.model, terms):
-        out = lm.model.generate(
+        out = lm.model.generate(  # type: ignore[operator]
             input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,
@@ -36,4 +36,4 @@ def generate_pair(
     """(continuation without steering, continuation with it), decoded."""
     plain = generate_ids(lm, prompt, [], max_new_tokens)
     steered = generate_ids(lm, prompt, terms, max_new_tokens)
-    return lm.tokenizer.decode(plain), lm.tokenizer.decode(steered)
+    return str(lm.tokenizer.decode(plain)), str(lm.tokenizer.decode(steered))

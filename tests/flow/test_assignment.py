@@ -34,6 +34,17 @@ def test_equals_the_dense_optimum(case: str, k: int) -> None:
     )
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1e3])
+def test_the_scale_of_the_inputs_does_not_matter(scale: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(6, 12, generator=g)
+    a = scale * (centres[torch.randint(6, (300,), generator=g)] + 0.05 * torch.randn(300, 12, generator=g))
+    b = scale * (centres[torch.randint(6, (300,), generator=g)] + 0.05 * torch.randn(300, 12, generator=g))
+    cost_FF = squared_distances(a, b)
+    reference = total(cost_FF, dense_assignment(cost_FF))
+    assert total(cost_FF, assignment(a, b)) == pytest.approx(reference, rel=1e-7)
+
+
 def test_known_permutation_is_recovered() -> None:
     g = torch.Generator().manual_seed(1)
     a = torch.randn(500, 40, generator=g)
