@@ -176,7 +176,10 @@ def check_flow_stage(cfg: DemoConfig, summary: dict, html: str) -> None:
     assert classes["site"] == "layers.5"
     assert sum(classes[c] for c in ("translated", "processed", "born", "unexplained")) == pytest.approx(1.0)
     roots = [g["root"].split(":")[0] for g in flow["graphs"]]
-    assert roots in (["layers.5"] * cfg.flow_graphs, ["layers.5"] * (cfg.flow_graphs - 1))  # the last: a born one
+    assert roots in (
+        ["layers.5"] * cfg.flow_graphs,
+        ["layers.5"] * (cfg.flow_graphs - 1),
+    )  # the last: a born one
     for title in (
         "Feature flow graphs",
         "Where residual features come from",
