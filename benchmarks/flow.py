@@ -10,7 +10,10 @@ Cases: "planted" (B = A's features permuted, rescaled per feature with their Jum
 perturbed with 20 % relative noise, the known-answer case) and "trained-like" (two TopK SAEs whose encoders
 are noisy copies of unrelated random decoders, no structure shared: the solver's hard case).
 
-    python benchmarks/flow.py [--latents 16384] [--d 384] [--threads 2]
+    python benchmarks/flow.py [--latents 16384] [--d 384] [--threads 2] [--runs RUN_FOLDER]
+
+A third case, when ``--runs`` holds a run with SAEs at layers.4 and layers.5 (benchmarks/flow_quality.py
+trains one): two trained SAEs of consecutive layers.
 
 Writes benchmarks/results/flow.json and prints the rows of BENCHMARKS.md.
 """
@@ -88,6 +91,9 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=16_384)
     parser.add_argument("--d", type=int, default=384)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--runs", type=Path, default=Path("/work/flowruns/minilm"), help="Trained SAEs (optional)."
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "flow.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,6 +123,21 @@ def main() -> None:
             "same_permutation": bool(torch.equal(ours2, base2)),
         }
     )
+    if (args.runs / "layers.4").is_dir():  # trained SAEs: the realistic case (F = 4096 there)
+        from interlayer.sae import load_sae
+
+        a3, b3 = load_sae(args.runs / "layers.4"), load_sae(args.runs / "layers.5")
+        ours3, ours3_s = timed_match(a3, b3, "none")
+        base3, base3_s = plain(a3, b3, "none")
+        rows.append(
+            {
+                "case": f"trained TopK SAEs, MiniLM layers.4 → layers.5 (F = {a3.cfg.latents})",
+                "ours_s": ours3_s,
+                "plain_scipy_s": base3_s,
+                "speedup": base3_s / ours3_s,
+                "same_permutation": bool(torch.equal(ours3, base3)),
+            }
+        )
     result = {
         "latents": args.latents,
         "d": args.d,

@@ -85,25 +85,11 @@ class Captured:
     acts: dict[str, torch.Tensor]
 
 
-def _target_contexts(
-    lm: LoadedModel, sae: SparseAutoencoder, site: str, batches: list[Captured], feature: int, n: int = 8
-) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
-    """The ``n`` contexts where ``feature`` is most active, and the bool mask of its active kept tokens there."""
-    best: list[tuple[float, int, int]] = []
-    for b, batch in enumerate(batches):
-        z_BT = sae.encode(batch.acts[site])[..., feature] * batch.keep_BT
-        for row in range(z_BT.shape[0]):
-            best.append((float(z_BT[row].max()), b, row))
-    best = sorted(best, reverse=True)[:n]
-    if not best or best[0][0] <= 0:
-        return None
-    rows = [(b, r) for v, b, r in best if v > 0]
-    inputs = {
-        k: torch.stack([batches[b].inputs[k][r] for b, r in rows]) for k in ("input_ids", "attention_mask")
-    }
-    keep = torch.stack([batches[b].keep_BT[r] for b, r in rows])
-    active = (sae.encode(torch.stack([batches[b].acts[site][r] for b, r in rows]))[..., feature] > 0) & keep
-    return inputs, active
+def _top_rows(z_rows_RF: torch.Tensor, feature: int, n: int = 8) -> list[int]:
+    """The ``n`` context rows where ``feature``'s largest activation is highest (those where it fires)."""
+    best = z_rows_RF[:, feature]
+    top = best.topk(min(n, best.numel()))
+    return top.indices[top.values > 0].tolist()
 
 
 @torch.no_grad()
@@ -123,37 +109,29 @@ def _change(
     source: tuple[str, int],
     inputs: dict[str, torch.Tensor],
     active: torch.Tensor,
+    before: float,
 ) -> float:
     """1 − Σ a'/Σ a over the target's active tokens, a' its activation with the source feature deactivated."""
     from interlayer.flow.interventions import rescale
 
     site, feature = target
-    before = _activation(lm, saes[site], site, inputs, feature)[active].clamp_min(0).sum()
     with rescale(lm.model, saes[source[0]], source[0], source[1], 0.0):
         after = _activation(lm, saes[site], site, inputs, feature)[active].clamp_min(0).sum()
     return float(1 - after / before)
 
 
-def _correlations(
-    batches: list[Captured],
-    saes: dict[str, SparseAutoencoder],
-    target: tuple[str, int],
-    sources: dict[str, str],
-) -> dict[str, torch.Tensor]:
-    """Pearson correlation over kept tokens of the target feature's activation with every feature of each
-    source SAE."""
-    site, feature = target
-    t = torch.cat([saes[site].encode(b.acts[site][b.keep_BT])[:, feature] for b in batches]).double()
-    out = {}
-    for kind, src in sources.items():
-        z = torch.cat([saes[src].encode(b.acts[src][b.keep_BT]) for b in batches]).double()
-        zc, tc = z - z.mean(0), t - t.mean()
-        out[kind] = (zc.T @ tc) / (zc.norm(dim=0) * tc.norm()).clamp_min(1e-12)
-    return out
+@torch.no_grad()
+def _standardised(z_NF: torch.Tensor) -> torch.Tensor:
+    """Columns centred and scaled to unit norm (Pearson correlation is then a dot product)."""
+    zc = z_NF.double() - z_NF.double().mean(0)
+    return zc / zc.norm(dim=0).clamp_min(1e-12)
 
 
-def deactivation_part(runs: Path, targets_per_layer: int = 60, candidates: int = 5) -> dict[str, Any]:
-    """For targets f at residual layers 1..L, the predecessor chosen by each method is deactivated (r = 0 at
+def deactivation_part(
+    runs: Path, targets_per_layer: int = 60, candidates: int = 5, frequent_features: int = 500
+) -> dict[str, Any]:
+    """For targets f (drawn among the ``frequent_features`` most frequent features of each residual layer: the
+    rarer ones of these short runs are still close to their random initialisation), the predecessor chosen by each method is deactivated (r = 0 at
     its site) and f's activation is re-measured on its top contexts at the tokens where it was active:
     change = 1 − Σ a' / Σ a (a' clamped at 0); success = change ≥ 0.5."""
     saes = trained(runs, "prose-lm")
@@ -171,28 +149,43 @@ def deactivation_part(runs: Path, targets_per_layer: int = 60, candidates: int =
         "exhaustive search": [],
     }
     layers = sorted(int(s.split(".")[1]) for s in saes if s.count(".") == 1 and s.startswith("layers."))
+    inputs_all = {k: torch.cat([b.inputs[k] for b in batches]) for k in ("input_ids", "attention_mask")}
+    keep_all = torch.cat([b.keep_BT for b in batches])
     for layer in layers:
         site = residual_site(layer)
         sources = {k: v for k, v in source_sites(layer).items() if v in saes}
-        fires_F = sum((saes[site].encode(b.acts[site][b.keep_BT]) > 0).sum(0) for b in batches)
-        alive = (fires_F >= 20).nonzero().squeeze(1)
+        with torch.no_grad():
+            z_BTF = torch.cat([saes[site].encode(b.acts[site]) for b in batches]) * keep_all[..., None]
+            z_kept_NF = z_BTF[keep_all]
+            source_NF = {
+                k: _standardised(torch.cat([saes[src].encode(b.acts[src][b.keep_BT]) for b in batches]))
+                for k, src in sources.items()
+            }
+        fires_F = (z_kept_NF > 0).sum(0)
+        frequent = fires_F.argsort(descending=True)[:frequent_features]  # the well-trained ones
+        alive = frequent[fires_F[frequent] >= 20]
         chosen = alive[torch.randperm(alive.numel(), generator=generator)[:targets_per_layer]].tolist()
-        for feature in chosen:
-            found = _target_contexts(lm, saes[site], site, batches, feature)
-            if found is None:
+        target_NT = _standardised(z_kept_NF[:, chosen])
+        z_rows_RF = z_BTF.amax(1)
+        for j, feature in enumerate(chosen):
+            rows = _top_rows(z_rows_RF, feature)
+            if not rows:
                 continue
-            inputs, active = found
-
+            inputs = {k: v[rows] for k, v in inputs_all.items()}
+            active = (z_BTF[rows, :, feature] > 0) & keep_all[rows]
+            before = float(z_BTF[rows, :, feature][active].sum())
             row = saes[site].W_dec_FD[feature : feature + 1]
             cos = {k: top_cosines(row, saes[src].W_dec_FD, candidates) for k, src in sources.items()}
-            corr = _correlations(batches, saes, (site, feature), sources)
+            corr = {k: z.T @ target_NT[:, j] for k, z in source_NF.items()}
             best_cos = max(sources, key=lambda k: float(cos[k][0][0, 0]))
             best_corr = max(sources, key=lambda k: float(corr[k].max()))
             by_cos = (sources[best_cos], int(cos[best_cos][1][0, 0]))
             by_corr = (sources[best_corr], int(corr[best_corr].argmax()))
             pool = {(sources[k], int(i)) for k in sources for i in cos[k][1][0].tolist()}
             pool |= {(sources[k], int(i)) for k in sources for i in corr[k].topk(candidates).indices.tolist()}
-            changes = {cand: _change(lm, saes, (site, feature), cand, inputs, active) for cand in pool}
+            changes = {
+                cand: _change(lm, saes, (site, feature), cand, inputs, active, before) for cand in pool
+            }
             results["top-1 cosine"].append(changes[by_cos])
             results["activation correlation"].append(changes[by_corr])
             results["exhaustive search"].append(max(changes.values()))
@@ -232,7 +225,10 @@ def steering_part(runs: Path, features: int = 16, new_tokens: int = 24) -> dict[
     """For features of the prose LM's residual SAE at layer 2 whose topic is a set of tokens (the 5 token ids
     on which the feature fires most often), steer at equal total strength s: at its own layer alone, or
     spread with a constant schedule over its flow graph's residual chain (one node per layer, s/n each).
-    Topic hit = a topic token appears in the greedy continuation; perplexity under the unsteered model."""
+    Topic: the tokens on which the feature fires on at least half of their occurrences (its 5 most frequent);
+    a feature qualifies when its topic covers half its firings and its flow graph's chain spans at least two
+    layers. Topic hit = a topic token appears in the greedy continuation; perplexity under the unsteered
+    model; strength 0 is the unsteered baseline."""
     from interlayer.flow.interventions import SteeringTerm, feature_direction, layer_strengths
 
     saes = trained(runs, "prose-lm")
@@ -241,6 +237,7 @@ def steering_part(runs: Path, features: int = 16, new_tokens: int = 24) -> dict[
     site = residual_site(layer)
     batches = list(model_batches(lm, "stdlib:docs", 12_000, context_len=128, batch_size=16))
     counts = torch.zeros(saes[site].cfg.latents, lm.model.config.vocab_size)
+    occurrences = torch.zeros(lm.model.config.vocab_size)
     norms = []
     for batch in batches:
         with capture(lm.model, resolve_sites(lm.model, site)) as acts:
@@ -249,18 +246,29 @@ def steering_part(runs: Path, features: int = 16, new_tokens: int = 24) -> dict[
         norms.append(x.norm(dim=-1))
         fired = (saes[site].encode(x) > 0).float()
         counts.index_add_(1, batch.inputs["input_ids"][batch.keep_BT], fired.T)
+        occurrences += torch.bincount(batch.inputs["input_ids"][batch.keep_BT], minlength=occurrences.numel())
     median_norm = float(torch.cat(norms).median())
-    concentration = counts.topk(5, dim=1).values.sum(1) / counts.sum(1).clamp_min(1)
-    eligible = (counts.sum(1) >= 30) & (concentration >= 0.5)
-    chosen = eligible.nonzero().squeeze(1)[:features].tolist()
+    specific = counts * (
+        counts >= 0.5 * occurrences
+    )  # tokens on which the feature fires at least half the time
+    topics = specific.topk(5, dim=1)
+    coverage = topics.values.sum(1) / counts.sum(1).clamp_min(1)
+    candidates = ((counts.sum(1) >= 30) & (coverage >= 0.5)).nonzero().squeeze(1).tolist()
+    chosen, chains = [], {}
+    for feature in candidates:
+        chain = [n for n in flow_graph(saes, FlowNode(site, feature)).residual_chain() if n.layer >= 0]
+        if len({n.layer for n in chain}) >= 2 and len(chosen) < features:
+            chosen.append(feature)
+            chains[feature] = chain
     rows = []
-    for scale in (0.5, 1.0, 2.0):
+    for scale in (0.0, 0.25, 0.5, 1.0):
         strength = scale * median_norm
         stats = {"single": [0, 0.0, 0], "multi": [0, 0.0, 0]}
         for feature in chosen:
-            topic = set(counts[feature].topk(5).indices.tolist())
-            graph = flow_graph(saes, FlowNode(site, feature))
-            chain = [n for n in graph.residual_chain() if n.layer >= 0]
+            topic = {
+                int(t) for t, v in zip(topics.indices[feature], topics.values[feature], strict=True) if v > 0
+            }
+            chain = chains[feature]
             per_layer = layer_strengths(strength, list(range(len(chain))), "constant", total=True)
             plans = {
                 "single": [SteeringTerm(site, feature_direction(saes[site], feature), strength)],
@@ -290,6 +298,7 @@ def steering_part(runs: Path, features: int = 16, new_tokens: int = 24) -> dict[
     )
     return {
         "features": chosen,
+        "chain_layers": [len({n.layer for n in chains[f]}) for f in chosen],
         "median_norm": median_norm,
         "rows": rows,
         "unsteered_perplexity": baseline_ppl,
@@ -365,7 +374,8 @@ def markdown(result: dict[str, Any]) -> str:
         st = result["steering"]
         lines += [
             "",
-            f"Steering ({len(st['features'])} features, unsteered perplexity {st['unsteered_perplexity']:.1f})",
+            f"Steering ({len(st['features'])} features; their chains span "
+            f"{sum(st['chain_layers']) / max(len(st['chain_layers']), 1):.1f} layers on average)",
             "",
         ]
         lines += ["| strength / median norm | steering | topic rate | perplexity |", "|---|---|---|---|"]
