@@ -331,13 +331,12 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {row['site_a']} → {row['site_b']} | {row['folded_mse_median']:.4f} | {row.get('matching_score', float('nan')):.3f} | "
                 f"{row.get('random_score', float('nan')):.4f} | {' | '.join(ev)} | {down} |"
             )
-        comp = part["compositions"]
-        lines += ["", "Composed permutations from " + comp[0]["site_a"] + ": matching score by distance "]
-        lines += [
-            ", ".join(
-                f"{c['distance']}: {c['matching_score']:.3f} (random {c['random_score']:.4f})" for c in comp
-            )
-        ]
+        by_distance: dict[int, list[float]] = {}
+        for c in part["compositions"]:
+            if c["site_a"] != "embed":
+                by_distance.setdefault(c["distance"], []).append(c["matching_score"])
+        lines += ["", "Composed permutations (start layers ≥ 0): mean matching score by layers apart: "]
+        lines += [", ".join(f"{d}: {sum(v) / len(v):.3f}" for d, v in sorted(by_distance.items()))]
         lines += [
             "",
             "| layer | translated | processed | born | unexplained | mean s(R) | chance s(R) | mean s(mlp) | chance s(mlp) | mean s(attn) | chance s(attn) |",

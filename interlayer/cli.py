@@ -133,14 +133,15 @@ def zoo_build(
 @app.command()
 def demo(
     quick: Annotated[
-        bool, typer.Option("--quick", help="A smaller run (under 2 minutes on 2 cores).")
+        bool, typer.Option("--quick", help="A smaller run (smaller SAEs, fewer tokens).")
     ] = False,
     out: Annotated[Path, typer.Option("--out", help="Output folder (report.html, SAEs).")] = Path(
         "interlayer-demo"
     ),
     as_json: JsonOpt = False,
 ) -> None:
-    """Train and evaluate a TopK SAE per layer of MiniLM on stdlib docstrings; write report.html."""
+    """Train and evaluate SAEs at every MiniLM site on stdlib docstrings, match and trace features across
+    layers; write report.html."""
     from interlayer.demo import DemoConfig, run_demo
 
     summary = run_demo(DemoConfig.preset(quick, out))
