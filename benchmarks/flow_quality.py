@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from interlayer.flow.evaluate import model_batches
+from interlayer.flow.evaluate import model_batches, site_activations
 from interlayer.flow.graph import FlowNode, flow_graph, residual_site
 from interlayer.flow.run import MatchSettings, match_run
 from interlayer.flow.similarity import FlowThresholds, source_sites, top_cosines
@@ -73,6 +73,30 @@ def match_part(runs: Path, name: str) -> dict[str, Any]:
         "persistence": persistence_curves(saes, thresholds),
         "seconds": time.perf_counter() - started,
     }
+
+
+@torch.no_grad()
+def strata_part(runs: Path, name: str, layer: int = 2) -> list[dict[str, Any]]:
+    """s(R) of the residual SAE at ``layer`` against ``layer``−1 by firing-frequency rank (8k tokens)."""
+    saes = trained(runs, name)
+    lm = load_model(MODELS[name])
+    here, before = residual_site(layer), residual_site(layer - 1)
+    acts = site_activations(lm, [before, here], "stdlib:docs", 8_000)
+    freq_F = (saes[here].encode(acts[here]) > 0).float().mean(0)
+    s_F = top_cosines(saes[here].W_dec_FD, saes[before].W_dec_FD)[0][:, 0]
+    order = freq_F.argsort(descending=True)
+    rows = []
+    for lo, hi in ((0, 100), (100, 500), (500, 2000), (2000, saes[here].cfg.latents)):
+        idx = order[lo:hi]
+        rows.append(
+            {
+                "ranks": f"{lo + 1}-{hi}",
+                "mean_frequency": float(freq_F[idx].mean()),
+                "mean_s_R": float(s_F[idx].mean()),
+                "share_at_least_0.5": float((s_F[idx] >= 0.5).float().mean()),
+            }
+        )
+    return rows
 
 
 # ---- B. Deactivation (Table 1 of arXiv:2502.03032) ---------------------------------------------------------
@@ -359,6 +383,15 @@ def markdown(result: dict[str, Any]) -> str:
                 for site, curve in part["persistence"].items()
             )
         ]
+    for key in [k for k in result if k.startswith("strata:")]:
+        lines += [
+            "",
+            f"{key[7:]}: s(R) at layers.2 by frequency rank: "
+            + "; ".join(
+                f"{r['ranks']}: freq {r['mean_frequency']:.4f}, mean {r['mean_s_R']:.2f}, ≥ 0.5 {r['share_at_least_0.5']:.1%}"
+                for r in result[key]
+            ),
+        ]
     if "deactivation" in result:
         lines += [
             "",
@@ -399,6 +432,10 @@ def main() -> None:
     if "match" in parts:
         for name in MODELS:
             result[f"match:{name}"] = match_part(args.runs, name)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if "strata" in parts:
+        for name in MODELS:
+            result[f"strata:{name}"] = strata_part(args.runs, name)
             args.out.write_text(json.dumps(result, indent=2) + "\n")
     if "deactivation" in parts:
         result["deactivation"] = deactivation_part(args.runs)
