@@ -38,7 +38,7 @@ def write_run(folder: Path, model: Path, width: int, latents: int = 48, sites: t
 def test_match_writes_pairs_scores_and_resumes(tiny_models, tmp_path, capsys) -> None:
     model = tiny_models["llama"]
     run = write_run(tmp_path / "run", model, 32)
-    perm = torch.load(tmp_path / "perm.pt")
+    perm = torch.load(tmp_path / "perm.pt", weights_only=True)
     out = tmp_path / "match"
     args = ["flow", "match", "--saes", str(run), "--out", str(out), "--data", "stdlib:docs"]
     args += ["--tokens", "300", "--skip-tokens", "100", "--context-len", "32", "--json"]
@@ -96,7 +96,7 @@ def test_graph_writes_json_and_report(tiny_models, tmp_path, capsys) -> None:
     code, stdout, err = run_cli([*args, "--data", "stdlib:docs", "--tokens", "200", "--json"], capsys)
     assert code == 0, err
     graph = json.loads((out / "graph.json").read_text())["graphs"][0]
-    perm = torch.load(tmp_path / "perm.pt")
+    perm = torch.load(tmp_path / "perm.pt", weights_only=True)
     back = int((perm == 5).nonzero())  # layers.1:5 is layers.0's feature back, exactly (cosine 1)
     edges = {(e["source"], e["target"]): e["similarity"] for e in graph["edges"]}
     assert abs(edges[(f"layers.0:{back}", "layers.1:5")] - 1) < 1e-5
