@@ -92,7 +92,7 @@ def site_activations(
 
 
 @torch.no_grad()
-def _fires(sae: SparseAutoencoder, x_ND: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+def fire_masks(sae: SparseAutoencoder, x_ND: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Bool [N, F]: z_tf > 0."""
     return torch.cat([sae.encode(x_ND[s : s + batch_size]) > 0 for s in range(0, x_ND.shape[0], batch_size)])
 
@@ -124,7 +124,14 @@ def matching_score(
         raise UserError(
             f"the two sites' activations cover different tokens ({x_a_ND.shape[0]} and {x_b_ND.shape[0]})"
         )
-    fires_a, fires_b = _fires(sae_a, x_a_ND), _fires(sae_b, x_b_ND)
+    return scores_from_fires(fire_masks(sae_a, x_a_ND), fire_masks(sae_b, x_b_ND), match, min_fires, seed)
+
+
+def scores_from_fires(
+    fires_a: torch.Tensor, fires_b: torch.Tensor, match: FeatureMatch, min_fires: int = 5, seed: int = 0
+) -> dict[str, float]:
+    """:func:`matching_score` from the firing masks [N, F] of the two SAEs (computed once per site when
+    many permutations are scored on the same tokens)."""
     return {
         "matching_score": co_firing(fires_a, fires_b, match.permutation, min_fires),
         "random_score": co_firing(fires_a, fires_b, random_match(match, seed).permutation, min_fires),

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,12 @@ from interlayer.errors import UserError
 from interlayer.flow.evaluate import (
     TokenBatch,
     consecutive_pairs,
+    fire_masks,
     layer_skipping,
     matching_score,
     model_batches,
     scale_ratio,
+    scores_from_fires,
     site_activations,
 )
 from interlayer.flow.fold import fold_features
@@ -65,15 +67,7 @@ class MatchSettings:
     """Contexts per model forward."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "terms": list(self.terms),
-            "fold": self.fold,
-            "data": self.data,
-            "tokens": self.tokens,
-            "skip_tokens": self.skip_tokens,
-            "context_len": self.context_len,
-            "batch_size": self.batch_size,
-        }
+        return asdict(self) | {"terms": list(self.terms)}
 
 
 def pair_folder(out: Path, site_a: str, site_b: str) -> Path:
@@ -211,6 +205,7 @@ def _compositions(
     """P(A → C) for every pair of residual sites A before C joined by an unbroken chain of consecutive
     matches (composed), with its matching score when activations are given: how far features persist."""
     following = {a: b for a, b in matches if site_layer(a)[1] == "residual"}
+    fires: dict[str, torch.Tensor] = {}
     rows = []
     for start in sorted(following, key=site_layer):
         composed, site = None, start
@@ -224,7 +219,10 @@ def _compositions(
                 "distance": site_layer(site)[0] - site_layer(start)[0],
             }
             if acts:
-                score = matching_score(saes[start], saes[site], composed, acts[start], acts[site])
+                for s in (start, site):  # each site's firing masks once, for all the pairs it is in
+                    if s not in fires:
+                        fires[s] = fire_masks(saes[s], acts[s])
+                score = scores_from_fires(fires[start], fires[site], composed)
                 row |= {k: score[k] for k in ("matching_score", "random_score")}
             rows.append(row)
     return rows
