@@ -35,6 +35,7 @@ from interlayer.errors import UserError
 from interlayer.flow.cli import flow_app
 from interlayer.progress import progress_bar
 from interlayer.sae.cli import sae_app
+from interlayer.steering.cli import steer_app
 
 app = typer.Typer(
     help="Work inside the layers of transformers.", no_args_is_help=True, pretty_exceptions_show_locals=False
@@ -45,6 +46,7 @@ app.add_typer(sae_app, name="sae")
 app.add_typer(activations_app, name="activations")
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(flow_app, name="flow")
+app.add_typer(steer_app, name="steer")
 
 
 @app.command()
