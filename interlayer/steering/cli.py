@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -34,10 +34,25 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the problems drawn
 VectorsOpt = Annotated[Path, typer.Option("--vectors", help="A folder written by `steer train` (vectors/).")]
 
 
-def _task(task: str, train: int, validation: int, test: int, seed: int, question: str, answer: str) -> Task:
+def _task(
+    task: str,
+    train: int,
+    validation: int,
+    test: int,
+    seed: int,
+    question: str,
+    answer: str,
+    max_new_tokens: int = 0,
+) -> Task:
+    """The task, with its completion length limit replaced by ``max_new_tokens`` when that is positive."""
+    from dataclasses import replace
+
+    from interlayer.errors import UserError
     from interlayer.steering.tasks import load_task
 
-    return load_task(
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    loaded = load_task(
         task,
         train=train,
         validation=validation,
@@ -46,6 +61,7 @@ def _task(task: str, train: int, validation: int, test: int, seed: int, question
         question_field=question,
         answer_field=answer,
     )
+    return replace(loaded, max_new_tokens=max_new_tokens) if max_new_tokens else loaded
 
 
 def _vectors_folder(path: Path) -> Path:
@@ -117,7 +133,9 @@ def train(
         checkpoint_every=checkpoint_every,
         eval_every=eval_every,
     )
-    the_task = _task(task, train_problems, 100 if eval_every else 0, 0, seed, question_field, answer_field)
+    the_task = _task(
+        task, train_problems, 100 if eval_every else 0, 0, seed, question_field, answer_field, max_new_tokens
+    )
     lm = load_model(model, device=device, dtype=dtype)
     summary = train_rl(lm.model, lm.tokenizer, the_task, cfg, out, model_name=model)
     if not as_json:
@@ -135,6 +153,7 @@ def evaluate(
     samples: Annotated[int, typer.Option("--samples", help="G samples per problem (0: greedy only).")] = 8,
     temperature: Annotated[float, typer.Option("--temperature", help="Temperature of the samples.")] = 1.0,
     split: Annotated[str, typer.Option("--split", help="test or validation.")] = "test",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="0: the task's limit.")] = 0,
     task: TaskOpt = "arith",
     question_field: QuestionFieldOpt = "question",
     answer_field: AnswerFieldOpt = "answer",
@@ -159,6 +178,7 @@ def evaluate(
         seed,
         question_field,
         answer_field,
+        max_new_tokens,
     )
     held_out = the_task.problems.get(split, [])[:problems]
     if not held_out:
@@ -192,4 +212,53 @@ def evaluate(
                 }
             ],
         )
+    emit(summary, as_json)
+
+
+@steer_app.command("analyze")
+def analyze(
+    model: ModelOpt,
+    vectors: Annotated[
+        Path, typer.Option("--vectors", help="Steering vectors (a run folder or its vectors/).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: report.html and analysis.json.")],
+    problems: Annotated[int, typer.Option("--problems", help="Held-out problems the analyses run on.")] = 64,
+    transfer_model: Annotated[
+        list[str] | None,
+        typer.Option("--transfer-model", help="Another model of the same width and depth (repeatable)."),
+    ] = None,
+    transfer_problems: Annotated[
+        int, typer.Option("--transfer-problems", help="Problems of the transfer evaluation.")
+    ] = 200,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="0: the task's limit.")] = 0,
+    task: TaskOpt = "arith",
+    question_field: QuestionFieldOpt = "question",
+    answer_field: AnswerFieldOpt = "answer",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Logit lens, persistence, token substitution at the last layer, path patching at the penultimate layer and
+    transfer to other models, in report.html."""
+    from interlayer.models import load_model
+    from interlayer.steering.analysis_run import run_analysis
+    from interlayer.steering.vectors import SteeringVectors
+
+    the_task = _task(
+        task, 0, 0, max(problems, transfer_problems), seed, question_field, answer_field, max_new_tokens
+    )
+    lm = load_model(model, device=device, dtype=dtype)
+    steering = SteeringVectors.load(_vectors_folder(vectors), lm.model)
+    steering.to(lm.device)
+    others: dict[str, tuple[Any, Any]] = {}
+    for name in transfer_model or []:
+        other = load_model(name, device=device, dtype=dtype)
+        steering.check_model(other.model)
+        others[name] = (other.model, other.tokenizer)
+    summary = run_analysis(
+        lm.model, lm.tokenizer, steering, the_task, out, problems, model, others, transfer_problems
+    )
+    if not as_json:
+        print(f"report: {summary['report']}")
     emit(summary, as_json)

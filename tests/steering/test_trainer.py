@@ -33,7 +33,23 @@ def _vowel_reward(completion: str, _problem: TaskProblem) -> float:
 
 
 def _task() -> Task:
-    words = "the cat sat on a mat while dogs ran in the park under blue skies".split()
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "while",
+        "dogs",
+        "ran",
+        "in",
+        "the",
+        "park",
+        "under",
+        "blue",
+        "skies",
+    ]
     train = [TaskProblem(" ".join(words[i : i + 3]), "", f"toy#{i}") for i in range(len(words) - 3)]
     return Task("toy", {"train": train, "validation": train[:3]}, _vowel_reward, 4)
 
