@@ -36,10 +36,10 @@ from typing import Any
 
 MODEL = "zoo:arith-lm"
 GRIDS = {
-    "full": (1e-5, 3e-5, 1e-4),
-    "vectors": (1e-2, 3e-2, 1e-1),
-    "single": (1e-2, 3e-2, 1e-1),
-    "lora": (3e-4, 1e-3, 3e-3),
+    "full": (3e-6, 1e-5, 3e-5, 1e-4),
+    "vectors": (3e-3, 1e-2, 3e-2, 1e-1),
+    "single": (3e-3, 1e-2, 3e-2, 1e-1),
+    "lora": (1e-4, 3e-4, 1e-3, 3e-3),
 }
 RESULTS = Path(__file__).parent / "results"
 

@@ -10,6 +10,7 @@ parses with click exactly as the shell would hand it over; ``make`` lines name t
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import sys
@@ -255,6 +256,67 @@ def _flow_use(patch: pytest.MonkeyPatch, tmp: Path, _tiny: dict[str, Path]) -> t
     return {}, check
 
 
+def _steering_use(
+    patch: pytest.MonkeyPatch, tmp: Path, _tiny: dict[str, Path]
+) -> tuple[dict[str, Any], Check]:
+    """docs/steering.md trains vectors on zoo:arith-lm, evaluates them and generates with them: a tiny
+    arith-lm is built through the real zoo path. The greedy accuracy must equal a count over completions made
+    by a loop of full forward passes with s_ℓ added by plain forward hooks on the blocks, and the steered
+    generation that loop's tokens."""
+    from interlayer.arithmetic import check_answer
+    from interlayer.steering.tasks import TaskProblem, run_verifier
+
+    patch.setenv("INTERLAYER_CACHE", str(tmp / "cache"))
+    patch.setitem(zoo.REGISTRY, "arith-lm", replace(TINY_ARITH, name="arith-lm"))
+
+    def greedy_by_hand(lm: Any, vectors: Any, ids: torch.Tensor, steps: int, stop: int | None) -> list[int]:
+        handles = [
+            lm.model.model.layers[i].register_forward_hook(
+                lambda _m, _i, out, v=s: (out[0] + v, *out[1:]) if isinstance(out, tuple) else out + v
+            )
+            for i, s in enumerate(vectors.S.detach())
+        ]
+        try:
+            new: list[int] = []
+            with torch.no_grad():
+                for _ in range(steps):
+                    nxt = int(lm.model(input_ids=ids).logits[0, -1].argmax())
+                    if nxt == stop:
+                        break
+                    new.append(nxt)
+                    ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return new
+
+    def check(ns: dict[str, Any]) -> None:
+        lm, vectors, task, result = ns["lm"], ns["vectors"], ns["task"], ns["result"]
+        assert ns["summary"]["steps"] == 3 and ns["summary"]["trainable_parameters"] == vectors.S.numel()
+        history = json.loads(Path("runs/arith-vectors/history.json").read_text())
+        never_right = all(r["reward"] == -1.0 for r in history)  # every advantage 0: no update at all
+        assert bool(vectors.S.abs().sum() == 0) == never_right
+        tok = lm.tokenizer
+        correct = 0
+        for problem in task.problems["test"]:
+            ids = torch.tensor([[tok.bos_token_id, *tok(problem.prompt, add_special_tokens=False).input_ids]])
+            completion = tok.decode(greedy_by_hand(lm, vectors, ids, task.max_new_tokens, tok.eos_token_id))
+            correct += check_answer(completion, int(problem.answer))
+        assert result.correct == correct and result.problems == 20
+        prompt_ids = ns["ids"]
+        assert (
+            ns["steered"][0, prompt_ids.shape[1] :].tolist()[
+                : len(by_hand := greedy_by_hand(lm, vectors, prompt_ids, 12, None))
+            ]
+            == by_hand
+        )
+        problem = TaskProblem("q", "9", "x")
+        assert run_verifier(ns["ends_with_answer"], " 4 + 5 = 9", problem) == 1.0
+        assert run_verifier(ns["ends_with_answer"], " 4 + 5 = 8", problem) == -1.0
+
+    return {}, check
+
+
 SETUPS: dict[str, Setup] = {
     "docs/flow.md": _flow_use,
     "docs/sae-formats.md": _formats_use,
@@ -262,6 +324,7 @@ SETUPS: dict[str, Setup] = {
     "README.md": _readme_use,
     "docs/models-sites-activations.md": _sites_fragment,
     "docs/zoo.md": _zoo_use,
+    "docs/steering.md": _steering_use,
 }
 """Setup per file (each of these files has one Python snippet; :func:`test_every_snippet_has_a_setup`)."""
 

@@ -149,11 +149,17 @@ class Policy:
                 param.copy_(tensors[name])
 
     def save_result(self, out: Path, tokenizer: Any) -> Path:
-        """Write the trained result into ``out``: ``vectors/`` (vector modes), ``adapter/`` (LoRA, peft's
-        safetensors format) or ``model/`` (full fine-tuning, with the tokenizer, loadable as ``--model``)."""
+        """Write the trained result into ``out``: ``vectors/`` (vector modes), ``model/`` (full fine-tuning, with
+        the tokenizer, loadable as ``--model``), or for LoRA ``adapter/`` (peft's safetensors format) and
+        ``model/`` with the adapters merged into the weights. Returns the folder of the main result."""
         if self.vectors is not None:
             return self.vectors.save(out / "vectors")
-        folder = out / ("adapter" if self.mode == "lora" else "model")
-        self.model.save_pretrained(folder, safe_serialization=True)  # type: ignore[operator]
-        tokenizer.save_pretrained(folder)
-        return folder
+        if self.mode == "lora":
+            self.model.save_pretrained(out / "adapter", safe_serialization=True)  # type: ignore[operator]
+            merged = copy.deepcopy(self.model).merge_and_unload()  # type: ignore[operator]
+            merged.save_pretrained(out / "model", safe_serialization=True)
+            tokenizer.save_pretrained(out / "model")
+            return out / "adapter"
+        self.model.save_pretrained(out / "model", safe_serialization=True)  # type: ignore[operator]
+        tokenizer.save_pretrained(out / "model")
+        return out / "model"

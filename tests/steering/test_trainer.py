@@ -169,6 +169,15 @@ def test_each_mode_trains_only_its_parameters(
         assert not changed and (tmp_path / "vectors" / "vectors.json").is_file()
     elif mode == "lora":
         assert (tmp_path / "adapter").is_dir() and not any("lora" in n for n in before)
+        # the merged model computes what the adapted one does
+        ids = torch.randint(1000, 3000, (2, 6), generator=torch.Generator().manual_seed(0))
+        merged = load_model(str(tmp_path / "model")).model
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, lm.model(input_ids=ids).logits, rtol=1e-4, atol=1e-5
+        )
+        assert not torch.allclose(
+            merged(input_ids=ids).logits, load_model(str(tiny_models[family])).model(input_ids=ids).logits
+        )
     else:
         assert changed and (tmp_path / "model" / "config.json").is_file()
         reloaded = load_model(str(tmp_path / "model"))
