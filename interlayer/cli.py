@@ -140,13 +140,21 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder (report.html, SAEs).")] = Path(
         "interlayer-demo"
     ),
+    stages: Annotated[
+        str,
+        typer.Option(
+            "--stages",
+            help="Stages, comma-separated: sae, budgets, flow, steering (opt-in: RL on zoo:arith-lm).",
+        ),
+    ] = "sae,budgets,flow",
     as_json: JsonOpt = False,
 ) -> None:
     """Train and evaluate SAEs at every MiniLM site on stdlib docstrings, match and trace features across
     layers; write report.html."""
     from interlayer.demo import DemoConfig, run_demo
 
-    summary = run_demo(DemoConfig.preset(quick, out))
+    chosen = tuple(name.strip() for name in stages.split(",") if name.strip())
+    summary = run_demo(DemoConfig.preset(quick, out, chosen))
     if not as_json:
         print(f"report: {summary['report']}")
     emit(summary, as_json)

@@ -10,6 +10,10 @@ kind (permutations, matching scores, layer skipping); the classes of every resid
 few features (the most persistent and the most clearly born in a module at the last layer) with their top
 contexts; persistence over depth.
 
+Stage "steering" (opt-in: ``--stages sae,budgets,flow,steering``): all-layer steering vectors trained with RLOO
+on zoo:arith-lm, greedy and sampled accuracy against the base model, and the analyses of
+:mod:`interlayer.steering.analysis`.
+
 Stage "sae": capture every residual layer of MiniLM on ``stdlib:docs``, train a TopK SAE per layer from one
 forward pass per batch, evaluate on the validation split (pooled EV, L0, dead/dense latents, the pooled-output
 cosine with the SAE spliced in), sweep k at inference for an EV-vs-L0 plot, and show feature cards with each
@@ -30,6 +34,7 @@ import torch
 from interlayer.activations import ChunkPlan, model_chunks
 from interlayer.atomic import write_json
 from interlayer.data import display_tokens
+from interlayer.errors import UserError
 from interlayer.models import LoadedModel, load_model
 from interlayer.progress import progress_bar
 from interlayer.report import (
@@ -80,12 +85,36 @@ class DemoConfig:
     flow_graphs: int = 3
     """Flow graphs drawn (roots picked at the last residual layer)."""
     seed: int = 0
+    stages: tuple[str, ...] = ("sae", "budgets", "flow")
+    """The stages run, in order (:data:`STAGES`); ``steering`` is opt-in (it builds zoo:arith-lm, about 9
+    minutes once, and trains vectors with RL)."""
+    steering_steps: int = 30
+    """RL updates of the steering stage (8 prompts × 8 samples each)."""
+    steering_problems: int = 100
+    """Held-out problems of the steering stage's evaluation."""
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.stages if name not in dict(STAGES)]
+        if unknown or not self.stages:
+            raise UserError(
+                f"unknown demo stage {unknown[0] if unknown else '(none)'}; stages: {', '.join(dict(STAGES))}"
+            )
+        needs_sae = {"budgets", "flow"} & set(self.stages)
+        if needs_sae and "sae" not in self.stages:
+            raise UserError(f"the demo stages {', '.join(sorted(needs_sae))} need the sae stage")
 
     @classmethod
-    def preset(cls, quick: bool, out: Path) -> DemoConfig:
+    def preset(
+        cls, quick: bool, out: Path, stages: tuple[str, ...] = ("sae", "budgets", "flow")
+    ) -> DemoConfig:
         if quick:
-            return cls(out=out, tokens=49_152, latents=2048, k=16, batch_size=1024, eval_tokens=4_000)
-        return cls(out=out, tokens=196_608, latents=4096, k=32, batch_size=2048, eval_tokens=8_000)
+            return cls(
+                out=out, tokens=49_152, latents=2048, k=16, batch_size=1024, eval_tokens=4_000, stages=stages,
+                steering_steps=10,
+            )  # fmt: skip
+        return cls(
+            out=out, tokens=196_608, latents=4096, k=32, batch_size=2048, eval_tokens=8_000, stages=stages
+        )
 
 
 @dataclass
@@ -262,8 +291,58 @@ def flow_stage(ctx: DemoContext) -> list[Section]:
     return [*sections, match_section(matched)] if pairs else sections
 
 
+def steering_stage(ctx: DemoContext) -> list[Section]:
+    """All-layer steering vectors trained with RLOO on zoo:arith-lm, their accuracy against the base model,
+    and what they do (logit lens, persistence, token substitution, path patching)."""
+    from interlayer.steering.analysis_run import analyze
+    from interlayer.steering.evaluate import evaluate
+    from interlayer.steering.tasks import load_task
+    from interlayer.steering.trainer import RLConfig, train_rl
+    from interlayer.steering.vectors import SteeringVectors
+
+    cfg = ctx.cfg
+    lm = load_model("zoo:arith-lm")
+    task = load_task("arith", train=2000, validation=0, test=cfg.steering_problems, seed=cfg.seed)
+    rl = RLConfig(
+        mode="vectors",
+        lr=1e-2,
+        steps=cfg.steering_steps,
+        prompts_per_step=8,
+        samples_per_prompt=8,
+        seed=cfg.seed,
+    )
+    run = cfg.out / "steering"
+    summary = train_rl(lm.model, lm.tokenizer, task, rl, run, model_name="zoo:arith-lm")
+    vectors = SteeringVectors.load(run / "vectors", lm.model)
+    test = task.problems["test"]
+    rows = []
+    for name, v in (("base", None), ("all-layer vectors", vectors)):
+        result = evaluate(lm.model, lm.tokenizer, test, task.verifier, task.max_new_tokens, v, samples=4)
+        rows.append(
+            {
+                "model": name,
+                "greedy accuracy": result.accuracy,
+                "95% interval": f"[{result.ci_low:.3f}, {result.ci_high:.3f}]",
+                "sampled accuracy (G = 4)": result.sampled_accuracy,
+            }
+        )
+    sections, results = analyze(lm.model, lm.tokenizer, vectors, task, problems=32, model_name="zoo:arith-lm")
+    ctx.summary["steering"] = {"train": summary, "accuracy": rows, "analysis": results}
+    intro = (
+        f"<p>{summary['trainable_parameters']} numbers (one vector per layer of zoo:arith-lm) trained with RLOO "
+        f"for {summary['steps']} steps of 8 arithmetic word problems × 8 samples; accuracy on "
+        f"{len(test)} held-out problems, greedy and sampled at temperature 1.</p>"
+    )
+    return [Section("Steering vectors trained with RL", intro + metrics_table(rows)), *sections]
+
+
 Stage = Callable[[DemoContext], list[Section]]
-STAGES: list[tuple[str, Stage]] = [("sae", sae_stage), ("budgets", budgets_stage), ("flow", flow_stage)]
+STAGES: list[tuple[str, Stage]] = [
+    ("sae", sae_stage),
+    ("budgets", budgets_stage),
+    ("flow", flow_stage),
+    ("steering", steering_stage),
+]
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -271,8 +350,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     started = time.monotonic()
     ctx = DemoContext(cfg, load_model(cfg.model))
     sections: list[Section] = []
-    for _name, stage in STAGES:
-        sections += stage(ctx)
+    for name, stage in STAGES:
+        if name in cfg.stages:
+            sections += stage(ctx)
     report = write_report(
         cfg.out / "report.html", "interlayer demo", sections, subtitle=f"{cfg.model} on {cfg.data}"
     )

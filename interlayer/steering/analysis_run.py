@@ -4,7 +4,8 @@ steered model's own completions, transfer to a second model, ``report.html`` and
 The data: ``problems`` held-out problems of the task; for each, the greedy completion of the steered model
 (all vectors on). A row is ``[BOS] + tokens(prompt) + tokens(completion)`` (prompt and completion encoded
 apart, so the completion starts at a known index), right-padded. Persistence and path patching run on these
-rows; token substitution teacher-forces them with and without the last layer's vector.
+rows; token substitution teacher-forces them with and without the last layer's vector. Path patching runs when
+the vectors include the penultimate layer ``layers.{L-2}`` (so not on a one-layer model).
 
 Transfer: greedy and sampled accuracy (:func:`interlayer.steering.evaluate.evaluate`) of the source model and
 of a second model of the same width and depth (another checkpoint of the family: a base model and its
@@ -23,6 +24,7 @@ from torch import nn
 
 from interlayer import atomic
 from interlayer.arithmetic import greedy_completions
+from interlayer.errors import UserError
 from interlayer.report.html import Section, metrics_table, write_report
 from interlayer.steering.analysis import logit_lens, path_patching, persistence, token_substitution
 from interlayer.steering.analysis_report import analysis_sections
@@ -83,22 +85,22 @@ def transfer(
     return rows
 
 
-def run_analysis(
+def analyze(
     model: nn.Module,
     tokenizer: Any,
     vectors: SteeringVectors,
     task: Task,
-    out: str | Path,
     problems: int = 64,
     model_name: str = "",
     transfer_models: dict[str, tuple[nn.Module, Any]] | None = None,
     transfer_problems: int = 200,
-) -> dict[str, Any]:
-    """Run every analysis on one batch of ``problems`` rows, write ``out/analysis.json`` and
-    ``out/report.html``; returns where they are."""
-    out = Path(out)
+) -> tuple[list[Section], dict[str, Any]]:
+    """Every analysis on one batch of ``problems`` held-out rows (the test split, else validation): the report
+    sections and the JSON-ready results."""
     vectors.check_model(model)
     held_out = (task.problems.get("test") or task.problems.get("validation") or [])[:problems]
+    if not held_out:
+        raise UserError(f"task {task.name} has no test or validation problems to analyse on")
     prompts = [p.prompt for p in held_out]
     with vectors.applied(model):
         completions = greedy_completions(model, tokenizer, prompts, task.max_new_tokens)
@@ -106,7 +108,10 @@ def run_analysis(
     lens = logit_lens(model, tokenizer, vectors)
     persistence_curves = persistence(model, vectors, ids_BT, mask_BT)
     substitution = token_substitution(model, tokenizer, vectors, ids_BT, mask_BT, starts)
-    patching = path_patching(model, vectors, ids_BT, mask_BT)
+    # path patching needs a penultimate layer's vector and a block after it
+    depth = vectors.meta.num_layers
+    patchable = depth >= 2 and f"layers.{depth - 2}" in vectors.meta.sites
+    patching = path_patching(model, vectors, ids_BT, mask_BT) if patchable else None
     sections = analysis_sections(lens, persistence_curves, substitution, patching)
     transfer_rows: list[dict[str, Any]] = []
     if transfer_models:
@@ -120,23 +125,42 @@ def run_analysis(
                 + metrics_table(transfer_rows),
             )
         )
-    summary = {
+    results = {
         "model": model_name,
         "problems": len(held_out),
         "logit_lens": [asdict(x) for x in lens],
         "persistence": [asdict(x) for x in persistence_curves],
         "token_substitution": {k: v for k, v in asdict(substitution).items() if k != "per_position"},
-        "path_patching": asdict(patching),
+        "path_patching": asdict(patching) if patching is not None else None,
         "transfer": transfer_rows,
         "examples": [
             {"prompt": p, "completion": c} for p, c in list(zip(prompts, completions, strict=True))[:5]
         ],
     }
-    atomic.write_json(out / "analysis.json", summary)
+    return sections, results
+
+
+def run_analysis(
+    model: nn.Module,
+    tokenizer: Any,
+    vectors: SteeringVectors,
+    task: Task,
+    out: str | Path,
+    problems: int = 64,
+    model_name: str = "",
+    transfer_models: dict[str, tuple[nn.Module, Any]] | None = None,
+    transfer_problems: int = 200,
+) -> dict[str, Any]:
+    """:func:`analyze`, written to ``out/analysis.json`` and ``out/report.html``; returns where they are."""
+    out = Path(out)
+    sections, results = analyze(
+        model, tokenizer, vectors, task, problems, model_name, transfer_models, transfer_problems
+    )
+    atomic.write_json(out / "analysis.json", results)
     report = write_report(
         out / "report.html",
         "What the steering vectors do",
         sections,
-        subtitle=f"{model_name} · {len(vectors.meta.sites)} vector(s) · {len(held_out)} problems",
+        subtitle=f"{model_name} · {len(vectors.meta.sites)} vector(s) · {results['problems']} problems",
     )
-    return {"report": str(report), "analysis": str(out / "analysis.json"), "problems": len(held_out)}
+    return {"report": str(report), "analysis": str(out / "analysis.json"), "problems": results["problems"]}
