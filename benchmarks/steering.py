@@ -50,14 +50,17 @@ def _init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _evaluate(folder: Path, split: str, problems: int, samples: int, seed: int, name: str) -> dict[str, Any]:
-    """Greedy and sampled accuracy of the run in ``folder`` (or the base model when it holds no result)."""
+def _evaluate(
+    folder: Path, split: str, problems: int, samples: int, seed: int, name: str, steps: int
+) -> dict[str, Any]:
+    """Greedy and sampled accuracy of the run in ``folder`` after ``steps`` steps (or the base model when it
+    holds no result), cached under a name with every figure that changes it."""
     from interlayer.models import load_model
     from interlayer.steering.evaluate import evaluate
     from interlayer.steering.tasks import load_task
     from interlayer.steering.vectors import SteeringVectors
 
-    cached = folder / f"eval-{split}-{problems}-{samples}.json"
+    cached = folder / f"eval-{split}-{problems}-{samples}-steps{steps}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     task = load_task(
@@ -117,7 +120,9 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
             eval_problems=spec["curve_problems"],
         )
         summary = train_rl(lm.model, lm.tokenizer, task, cfg, folder, model_name=MODEL, progress=False)
-    evaluation = _evaluate(folder, spec["split"], spec["problems"], spec["eval_samples"], 0, spec["name"])
+    evaluation = _evaluate(
+        folder, spec["split"], spec["problems"], spec["eval_samples"], 0, spec["name"], spec.get("steps", 0)
+    )
     return {"spec": spec, "summary": summary, "eval": evaluation}
 
 

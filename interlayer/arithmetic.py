@@ -34,6 +34,7 @@ import torch
 
 from interlayer.data import Document, hash_fraction
 from interlayer.errors import UserError
+from interlayer.models import plain_generation
 
 SPLITS = ("train", "validation", "test")
 _TEST_FRACTION = 0.05
@@ -195,7 +196,8 @@ def greedy_completions(
 
     Each prompt is encoded as ``[BOS] + tokens(prompt)`` (no BOS if the tokenizer has none). Prompts of equal
     token length are batched together, so no padding is ever needed and every continuation equals the
-    one-at-a-time greedy continuation.
+    one-at-a-time greedy continuation. The checkpoint's own generation config (a repetition penalty, …) is set
+    aside (:func:`interlayer.models.plain_generation`): this is the argmax of the model's distribution.
     """
     start = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     encoded = [start + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
@@ -209,14 +211,15 @@ def greedy_completions(
         for lo in range(0, len(indices), batch_size):
             chunk = indices[lo : lo + batch_size]
             input_ids_BT = torch.tensor([encoded[i] for i in chunk], device=device)
-            generated_BT = model.generate(
-                input_ids=input_ids_BT,
-                attention_mask=torch.ones_like(input_ids_BT),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=eos,
-            )[:, input_ids_BT.shape[1] :]
+            with plain_generation(model):
+                generated_BT = model.generate(
+                    input_ids=input_ids_BT,
+                    attention_mask=torch.ones_like(input_ids_BT),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=eos,
+                )[:, input_ids_BT.shape[1] :]
             for i, row in zip(chunk, generated_BT.tolist(), strict=True):
                 if eos is not None and eos in row:
                     row = row[: row.index(eos)]

@@ -12,9 +12,12 @@ first use (a causal LM, saved like a hub model).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -22,6 +25,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -126,3 +130,16 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
     model.to(pick_device(device))  # type: ignore[arg-type]
     model.eval().requires_grad_(False)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, is_causal_lm=causal)
+
+
+@contextmanager
+def plain_generation(model: Any) -> Iterator[None]:
+    """Inside the block, ``model.generate`` starts from a default :class:`GenerationConfig` instead of the
+    checkpoint's own ``generation_config``, so nothing the checkpoint ships (a repetition penalty, an n-gram
+    ban, top-k, min-p) changes the distribution the caller asks for; the model's config is restored on exit."""
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved

@@ -98,7 +98,8 @@ def analyze(
     """Every analysis on one batch of ``problems`` held-out rows (the test split, else validation): the report
     sections and the JSON-ready results."""
     vectors.check_model(model)
-    held_out = (task.problems.get("test") or task.problems.get("validation") or [])[:problems]
+    pool = task.problems.get("test") or task.problems.get("validation") or []
+    held_out = pool[:problems]
     if not held_out:
         raise UserError(f"task {task.name} has no test or validation problems to analyse on")
     prompts = [p.prompt for p in held_out]
@@ -116,13 +117,13 @@ def analyze(
     transfer_rows: list[dict[str, Any]] = []
     if transfer_models:
         source = {model_name or "source": (model, tokenizer)}
-        transfer_rows = transfer(source | transfer_models, vectors, held_out[:transfer_problems], task)
+        transfer_rows = transfer(source | transfer_models, vectors, pool[:transfer_problems], task)
         sections.append(
             Section(
                 "Transfer",
-                "<p>Greedy and sampled accuracy of each model without and with these vectors, on the same "
-                "held-out problems: a gain on the second model means the vectors transfer.</p>"
-                + metrics_table(transfer_rows),
+                f"<p>Greedy and sampled accuracy (4 samples at T = 1) of each model without and with these "
+                f"vectors, on the same {min(transfer_problems, len(pool))} held-out problems: a gain on another "
+                "model means the vectors transfer.</p>" + metrics_table(transfer_rows),
             )
         )
     results = {

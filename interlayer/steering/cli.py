@@ -170,6 +170,11 @@ def evaluate(
 
     if split not in ("test", "validation"):
         raise UserError(f"--split must be test or validation, got {split!r}")
+    if samples < 0 or problems < 1 or temperature < 0:
+        raise UserError(
+            f"--samples must be >= 0, --problems >= 1 and --temperature >= 0 (0: greedy samples); got "
+            f"{samples}, {problems}, {temperature}"
+        )
     the_task = _task(
         task,
         0,

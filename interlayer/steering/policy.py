@@ -34,25 +34,36 @@ DEFAULT_LR = {"vectors": 1e-3, "single": 1e-3, "lowrank": 1e-3, "full": 1e-6, "l
 
 
 def down_projections(model: nn.Module) -> list[str]:
-    """The module path of each block's MLP down projection (see the module docstring)."""
+    """The module path of each block's MLP down projection (see the module docstring). Where the MLP site is
+    a post-norm (Gemma 2/3, OLMo 2), the projection is looked for in the block's MLP child instead."""
     config: Any = model.config
     width = int(config.hidden_size)
     paths = []
     for name, site in model_sites(model).items():
         if not name.endswith(".mlp"):
             continue
-        module = model.get_submodule(site.module_path)
-        candidates = [
-            (f"{site.module_path}.{child}" if child else site.module_path, sub)
-            for child, sub in module.named_modules()
-            if _output_width(sub) == width
-        ]
-        if not candidates:
+        path = _last_projection(model, site.module_path, width)
+        if path is None:  # the site is a norm after the MLP: search the block's MLP module
+            block = site.module_path.rpartition(".")[0]
+            for child in ("mlp", "feed_forward", "ffn"):
+                if hasattr(model.get_submodule(block), child):
+                    path = _last_projection(model, f"{block}.{child}", width)
+                    break
+        if path is None:
             raise UserError(f"no down projection found in {site.module_path} for LoRA")
-        paths.append(candidates[-1][0])
+        paths.append(path)
     if not paths:
         raise UserError("this model has no MLP sites, so LoRA on the down projection has nothing to adapt")
     return paths
+
+
+def _last_projection(model: nn.Module, module_path: str, width: int) -> str | None:
+    """The last linear (or ``Conv1D``) module in ``module_path`` (itself included) that outputs ``width``."""
+    found = None
+    for child, sub in model.get_submodule(module_path).named_modules():
+        if _output_width(sub) == width:
+            found = f"{module_path}.{child}" if child else module_path
+    return found
 
 
 def _output_width(module: nn.Module) -> int | None:

@@ -4,7 +4,8 @@ Every prompt is encoded as ``[BOS] + tokens(prompt)`` (no BOS when the tokenizer
 :func:`interlayer.arithmetic.greedy_completions` uses. A batch of prompts of different lengths is left-padded
 to the longest (pad id: the tokenizer's pad token, else its EOS) with attention mask 0 on the pads, and
 sampled with ``model.generate`` at the given temperature with no top-k or top-p truncation (a fresh
-``GenerationConfig``, so a checkpoint's own generation defaults never change the distribution). The random
+``GenerationConfig``, and the checkpoint's own ``generation_config`` set aside while sampling, so no repetition
+penalty or other default it ships changes the distribution). The random
 stream is ``torch.manual_seed(seed)`` inside :func:`torch.random.fork_rng`, so the caller's global RNG is left
 alone and the same seed gives the same samples on the same machine, thread count and batch layout.
 
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import GenerationConfig
+
+from interlayer.models import plain_generation
 
 
 @dataclass
@@ -131,7 +134,7 @@ def sample(
         bos_token_id=tokenizer.bos_token_id,
     )
     chunks = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), plain_generation(model):
         torch.manual_seed(seed)
         for lo in range(0, len(encoded), batch_size):
             ids_BP = prompt_ids_NP[lo : lo + batch_size].to(device)
@@ -154,15 +157,16 @@ def sample(
     )
 
 
-def completion_logprobs(model: nn.Module, rollout: Rollout) -> torch.Tensor:
-    """log π(o_t | prompt, o_<t) [N, C] of every completion token under ``model`` (0 on padding columns),
-    differentiable in whatever of the model requires grad."""
+def completion_logprobs(model: nn.Module, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """log π_T(o_t | prompt, o_<t) [N, C] of every completion token under ``model`` with its logits divided by
+    ``temperature`` (the distribution the rollout was sampled from; 0 on padding columns), differentiable in
+    whatever of the model requires grad."""
     device = next(model.parameters()).device
     ids_NT = rollout.sequences_NT.to(device)
     mask_NT = rollout.attention_mask_NT.to(device)
     logits_NTV = model(input_ids=ids_NT, attention_mask=mask_NT, position_ids=position_ids(mask_NT)).logits
     start = rollout.prompt_width
-    logits_NCV = logits_NTV[:, start - 1 : -1].float()
+    logits_NCV = logits_NTV[:, start - 1 : -1].float() / temperature
     targets_NC = ids_NT[:, start:]
     logp_NC = logits_NCV.log_softmax(-1).gather(-1, targets_NC.unsqueeze(-1)).squeeze(-1)
     return logp_NC * rollout.completion_mask_NC.to(device)

@@ -18,7 +18,8 @@ with the same thread count (``torch.get_num_threads()``; float reductions are or
 rounding otherwise. Checkpoints are taken every ``checkpoint_every`` steps into ``checkpoint/``: one
 safetensors file with the trainable parameters and Adam's state, then ``state.json`` (step and history), whose
 atomic rename is the commit; a kill loses at most ``checkpoint_every`` steps. The run folder holds
-``settings.json`` (a rerun with other settings is refused; ``--steps`` may grow to continue a finished run),
+``settings.json`` (a rerun with other settings, dtype or number of training problems is refused; ``--steps``
+may grow to continue a finished run, and ``micro_batch`` may change, which changes float rounding only),
 ``history.json`` (one record per step), the result (``vectors/``, ``adapter/`` + ``model/`` or ``model/``,
 see :class:`interlayer.steering.policy.Policy`) and ``summary.json``, written last.
 """
@@ -47,7 +48,7 @@ from interlayer.steering.rollout import Rollout, completion_logprobs, sample
 from interlayer.steering.tasks import Task, TaskProblem, is_correct, run_verifier
 
 CHECKPOINT = "checkpoint"
-_RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "micro_batch", "eval_every", "eval_problems")
 """Settings a rerun may change without the run folder being refused."""
 
 
@@ -109,6 +110,9 @@ class RLConfig:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.temperature == 0:
             raise UserError("temperature must be > 0 for RL sampling")
+        for name in ("rank", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def learning_rate(self) -> float:
@@ -165,9 +169,9 @@ def _gradient_step(
         reference_NC = None
         if cfg.kl_coef:
             with torch.no_grad(), policy.reference() as reference_model:
-                reference_NC = completion_logprobs(reference_model, part)
+                reference_NC = completion_logprobs(reference_model, part, cfg.temperature)
         with policy.policy():
-            logp_NC = completion_logprobs(policy.model, part)
+            logp_NC = completion_logprobs(policy.model, part, cfg.temperature)
         part_mask = mask_NC[rows].to(device)
         loss = policy_loss(
             logp_NC, advantages_N[rows].to(device), part_mask, reference_NC, cfg.kl_coef, tokens=tokens
@@ -188,14 +192,23 @@ def _gradient_step(
     return {"loss": loss_total, "kl": kl_total, "grad_norm": grad_norm}
 
 
-def _settings(cfg: RLConfig, model_name: str, task: Task) -> dict[str, Any]:
-    return {"config": asdict(cfg), "model": model_name, "task": task.name, "version": 1}
+def _settings(cfg: RLConfig, model_name: str, task: Task, dtype: str) -> dict[str, Any]:
+    """What a resumed run must share with the one that wrote the folder: the config, the model and its dtype,
+    the task and its number of training problems (each step samples from that range)."""
+    return {
+        "config": asdict(cfg),
+        "model": model_name,
+        "dtype": dtype,
+        "task": task.name,
+        "train_problems": len(task.problems.get("train", [])),
+        "version": 1,
+    }
 
 
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse ``out`` when it holds a run with other settings (those of :data:`_RESUMABLE_CHANGES` may differ)."""
     path = out / "settings.json"
     if not path.is_file():
-        atomic.write_json(path, settings)
         return
     stored = atomic.read_json_object(path, "run settings")
     stored_cfg = {k: v for k, v in stored.get("config", {}).items() if k not in _RESUMABLE_CHANGES}
@@ -206,12 +219,11 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
                 f"{out} holds a run with {key}={stored_cfg.get(key)!r}, not {new_cfg.get(key)!r}; "
                 "use another --out or delete that folder"
             )
-    for key in ("model", "task"):
+    for key in ("model", "dtype", "task", "train_problems"):
         if stored.get(key) != settings[key]:
             raise UserError(
                 f"{out} holds a run of {key} {stored.get(key)!r}, not {settings[key]!r}; use another --out"
             )
-    atomic.write_json(path, settings)
 
 
 def _write_checkpoint(
@@ -282,7 +294,16 @@ def train_rl(
     if not train:
         raise UserError(f"task {task.name} has no training problems")
     max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
-    _check_settings(out, _settings(cfg, model_name, task))
+    dtype = next(model.parameters()).dtype
+    if cfg.mode == "full" and dtype != torch.float32:
+        raise UserError(
+            f"full fine-tuning needs float32 weights (in {dtype} Adam's small updates round away); use --dtype float32"
+        )
+    step_problems(
+        train, cfg.seed, 1, cfg.prompts_per_step
+    )  # a bad --prompts fails before the folder is claimed
+    settings = _settings(cfg, model_name, task, str(dtype).removeprefix("torch."))
+    _check_settings(out, settings)
     summary_path = out / "summary.json"
     if summary_path.is_file():
         summary = atomic.read_json_object(summary_path, "run summary")
@@ -292,6 +313,7 @@ def train_rl(
     policy = Policy(
         model, cfg.mode, cfg.sites, cfg.rank, cfg.lora_rank, cfg.kl_coef > 0, model_name, cfg.seed
     )
+    atomic.write_json(out / "settings.json", settings)  # only once the policy could be built
     optimizer = _optimizer(policy, cfg.learning_rate)
     start, history = _resume(out, policy, optimizer)
     if start > cfg.steps:

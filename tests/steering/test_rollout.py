@@ -74,3 +74,39 @@ def test_padded_logprobs_equal_unpadded_forward(tiny_models: dict[str, Path]) ->
             logits = lm.model(input_ids=seq).logits[0].log_softmax(-1)
             expected = logits[n_prompt - 1 : -1].gather(-1, seq[0, n_prompt:, None]).squeeze(-1)
             torch.testing.assert_close(logp[row, : len(expected)], expected, rtol=0, atol=1e-5)
+
+
+def test_the_checkpoints_generation_config_never_changes_sampling(tiny_models: dict[str, Path]) -> None:
+    """A repetition penalty and an n-gram ban shipped in generation_config are set aside: greedy "sampling"
+    and greedy_completions equal the argmax loop, and the model's own config is restored afterwards."""
+    from interlayer.arithmetic import greedy_completions
+
+    lm = load_model(str(tiny_models["llama"]))
+    lm.model.generation_config.repetition_penalty = 5.0
+    lm.model.generation_config.no_repeat_ngram_size = 1
+    ids = encode_prompts(lm.tokenizer, PROMPTS[:1])[0]
+    seq = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, lm.model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    rollout = sample(lm.model, lm.tokenizer, PROMPTS[:1], samples=1, seed=0, max_new_tokens=6, temperature=0)
+    assert rollout.sequences_NT[0, rollout.prompt_width :].tolist() == seq[0, len(ids) :].tolist()
+    assert greedy_completions(lm.model, lm.tokenizer, PROMPTS[:1], 6) == [
+        lm.tokenizer.decode(seq[0, len(ids) :])
+    ]
+    assert lm.model.generation_config.repetition_penalty == 5.0
+
+
+def test_logprobs_at_a_temperature_are_those_of_the_tempered_distribution(
+    tiny_models: dict[str, Path],
+) -> None:
+    lm = load_model(str(tiny_models["llama"]))
+    rollout = sample(
+        lm.model, lm.tokenizer, PROMPTS[:1], samples=1, seed=2, max_new_tokens=3, temperature=0.5
+    )
+    logp = completion_logprobs(lm.model, rollout, temperature=0.5)
+    seq = rollout.sequences_NT[0][rollout.attention_mask_NT[0].bool()][None]
+    n_prompt = int(rollout.attention_mask_NT[0, : rollout.prompt_width].sum())
+    tempered = (lm.model(input_ids=seq).logits[0] / 0.5).log_softmax(-1)
+    expected = tempered[n_prompt - 1 : -1].gather(-1, seq[0, n_prompt:, None]).squeeze(-1)
+    torch.testing.assert_close(logp[0], expected, rtol=0, atol=1e-5)

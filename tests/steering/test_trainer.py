@@ -148,6 +148,7 @@ def test_a_rerun_with_other_settings_is_refused(tiny_models: dict[str, Path], tm
         ("llama", "lowrank", 2 * (3 + 32)),
         ("llama", "lora", 3 * 4 * (64 + 32)),
         ("gpt2", "lora", 3 * 4 * (4 * 32 + 32)),
+        ("gemma2", "lora", 3 * 4 * (64 + 32)),
         ("llama", "full", None),
     ],
 )
@@ -193,6 +194,7 @@ def test_down_projections_found_structurally(tiny_models: dict[str, Path]) -> No
         "gpt2": "transformer.h.0.mlp.c_proj",
         "gpt_neox": "gpt_neox.layers.0.mlp.dense_4h_to_h",
         "opt": "model.decoder.layers.0.fc2",
+        "gemma2": "model.layers.0.mlp.down_proj",
     }
     for family, first in expected.items():
         paths = down_projections(load_model(str(tiny_models[family])).model)
@@ -216,3 +218,28 @@ def test_bad_settings_are_one_line(tiny_models: dict[str, Path], tmp_path: Path)
         UserError, match=r"verifier raised ZeroDivisionError: division by zero on problem toy#"
     ):
         train_rl(lm.model, lm.tokenizer, task, _cfg(), tmp_path / "b", progress=False)
+
+
+def test_a_failed_first_run_does_not_claim_the_folder(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    lm = load_model(str(tiny_models["llama"]))
+    for bad in (_cfg(sites="layers.9"), _cfg(prompts_per_step=50)):
+        with pytest.raises(UserError):
+            train_rl(lm.model, lm.tokenizer, _task(), bad, tmp_path, progress=False)
+    assert not (tmp_path / "settings.json").exists()
+    assert train_rl(lm.model, lm.tokenizer, _task(), _cfg(steps=1), tmp_path, progress=False)["steps"] == 1
+
+
+def test_resume_with_other_training_problems_or_dtype_is_refused(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    lm = load_model(str(tiny_models["llama"]))
+    task = _task()
+    train_rl(lm.model, lm.tokenizer, task, _cfg(steps=1), tmp_path, progress=False)
+    fewer = Task("toy", {"train": task.problems["train"][:8]}, task.verifier, 4)
+    with pytest.raises(UserError, match="holds a run of train_problems 12, not 8"):
+        train_rl(lm.model, lm.tokenizer, fewer, _cfg(steps=2), tmp_path, progress=False)
+    half = load_model(str(tiny_models["llama"]), dtype="bfloat16")
+    with pytest.raises(UserError, match="holds a run of dtype 'float32', not 'bfloat16'"):
+        train_rl(half.model, half.tokenizer, task, _cfg(steps=2), tmp_path, progress=False)
+    with pytest.raises(UserError, match="full fine-tuning needs float32 weights"):
+        train_rl(half.model, half.tokenizer, task, _cfg(mode="full"), tmp_path / "f", progress=False)
