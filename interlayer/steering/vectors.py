@@ -100,7 +100,11 @@ class SteeringVectors(nn.Module):
         n, d = len(meta.sites), meta.d_model
         if meta.kind == "lowrank":
             self.A = nn.Parameter(torch.zeros(n, meta.rank))
-            self.B = nn.Parameter(torch.randn(meta.rank, d) / math.sqrt(d))
+            # drawn only for fresh vectors, so loading a file leaves the global random stream alone
+            fresh_B = (
+                torch.randn(meta.rank, d) / math.sqrt(d) if tensors is None else torch.empty(meta.rank, d)
+            )
+            self.B = nn.Parameter(fresh_B)
         else:
             self.S = nn.Parameter(torch.zeros(n, d))
         if tensors is not None:
