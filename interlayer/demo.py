@@ -359,7 +359,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     summary = {
         "report": str(report),
         "seconds": round(time.monotonic() - started, 1),
-        "config": asdict(cfg) | {"out": str(cfg.out)},
+        "config": asdict(cfg) | {"out": str(cfg.out), "stages": list(cfg.stages)},
     }
     summary |= ctx.summary
     write_json(cfg.out / "summary.json", summary)
