@@ -17,6 +17,7 @@ gives a left-padded row, so a padded row scores exactly like the same sequence a
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,9 +165,19 @@ def completion_logprobs(model: nn.Module, rollout: Rollout, temperature: float =
     device = next(model.parameters()).device
     ids_NT = rollout.sequences_NT.to(device)
     mask_NT = rollout.attention_mask_NT.to(device)
-    logits_NTV = model(input_ids=ids_NT, attention_mask=mask_NT, position_ids=position_ids(mask_NT)).logits
     start = rollout.prompt_width
-    logits_NCV = logits_NTV[:, start - 1 : -1].float() / temperature
+    width = ids_NT.shape[1] - start  # C completion columns, predicted by the last C + 1 logits rows but one
+    inputs: dict[str, Any] = {
+        "input_ids": ids_NT,
+        "attention_mask": mask_NT,
+        "position_ids": position_ids(mask_NT),
+    }
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        # the LM head runs on the rows that score the completion only: [N, C + 1, V] instead of [N, T, V]
+        logits_NTV = model(**inputs, logits_to_keep=width + 1).logits
+    else:
+        logits_NTV = model(**inputs).logits[:, start - 1 :]
+    logits_NCV = logits_NTV[:, :-1].float() / temperature
     targets_NC = ids_NT[:, start:]
     logp_NC = logits_NCV.log_softmax(-1).gather(-1, targets_NC.unsqueeze(-1)).squeeze(-1)
     return logp_NC * rollout.completion_mask_NC.to(device)

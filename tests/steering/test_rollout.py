@@ -63,7 +63,9 @@ def test_greedy_sampling_matches_generate_per_prompt(tiny_models: dict[str, Path
 
 
 def test_padded_logprobs_equal_unpadded_forward(tiny_models: dict[str, Path]) -> None:
-    for family in ("llama", "gpt2"):
+    """Scored through the LM head on the completion rows only (``logits_to_keep``) and left-padded, each row's
+    log-probabilities equal a full forward of that row alone."""
+    for family in ("llama", "gpt2", "gpt_neox", "opt", "bloom", "gemma2"):
         lm = load_model(str(tiny_models[family]))
         rollout = sample(lm.model, lm.tokenizer, PROMPTS, samples=2, seed=3, max_new_tokens=4)
         logp = completion_logprobs(lm.model, rollout)
