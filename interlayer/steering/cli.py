@@ -11,7 +11,9 @@ import typer
 from interlayer.cli_common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, emit, print_table
 
 if TYPE_CHECKING:  # imported where used at run time, to keep the CLI's start fast
+    from interlayer.models import LoadedModel
     from interlayer.steering.tasks import Task
+    from interlayer.steering.vectors import SteeringVectors
 
 steer_app = typer.Typer(
     help="Steering vectors trained with RL (RLOO/GRPO), their evaluation and analysis.", no_args_is_help=True
@@ -64,9 +66,12 @@ def _task(
     return replace(loaded, max_new_tokens=max_new_tokens) if max_new_tokens else loaded
 
 
-def _vectors_folder(path: Path) -> Path:
-    """A run folder's ``vectors/`` when given the run folder itself."""
-    return path / "vectors" if (path / "vectors" / "vectors.json").is_file() else path
+def _load_vectors(path: Path, lm: LoadedModel) -> SteeringVectors:
+    """The vectors in ``path`` (a run folder or its ``vectors/``), checked against the model, on its device."""
+    from interlayer.steering.vectors import SteeringVectors
+
+    folder = path / "vectors" if (path / "vectors" / "vectors.json").is_file() else path
+    return SteeringVectors.load(folder, lm.model).to(lm.device)
 
 
 @steer_app.command("train")
@@ -166,7 +171,6 @@ def evaluate(
     from interlayer.errors import UserError
     from interlayer.models import load_model
     from interlayer.steering.evaluate import evaluate as run_eval
-    from interlayer.steering.vectors import SteeringVectors
 
     if split not in ("test", "validation"):
         raise UserError(f"--split must be test or validation, got {split!r}")
@@ -189,9 +193,7 @@ def evaluate(
     if not held_out:
         raise UserError(f"task {the_task.name} has no {split} problems")
     lm = load_model(model, device=device, dtype=dtype)
-    steering = SteeringVectors.load(_vectors_folder(vectors), lm.model) if vectors is not None else None
-    if steering is not None:
-        steering.to(lm.device)
+    steering = _load_vectors(vectors, lm) if vectors is not None else None
     result = run_eval(
         lm.model,
         lm.tokenizer,
@@ -248,14 +250,12 @@ def analyze(
     transfer to other models, in report.html."""
     from interlayer.models import load_model
     from interlayer.steering.analysis_run import run_analysis
-    from interlayer.steering.vectors import SteeringVectors
 
     the_task = _task(
         task, 0, 0, max(problems, transfer_problems), seed, question_field, answer_field, max_new_tokens
     )
     lm = load_model(model, device=device, dtype=dtype)
-    steering = SteeringVectors.load(_vectors_folder(vectors), lm.model)
-    steering.to(lm.device)
+    steering = _load_vectors(vectors, lm)
     others: dict[str, tuple[Any, Any]] = {}
     for name in transfer_model or []:
         other = load_model(name, device=device, dtype=dtype)

@@ -39,10 +39,10 @@ import torch
 from torch import nn
 
 from interlayer import atomic
-from interlayer.arithmetic import greedy_completions
 from interlayer.errors import UserError
 from interlayer.progress import progress_bar
-from interlayer.steering.objectives import ALGORITHMS, advantages, policy_loss
+from interlayer.steering.evaluate import evaluate
+from interlayer.steering.objectives import ALGORITHMS, advantages, kl_k3, policy_loss
 from interlayer.steering.policy import DEFAULT_LR, MODES, Policy
 from interlayer.steering.rollout import Rollout, completion_logprobs, sample
 from interlayer.steering.tasks import Task, TaskProblem, is_correct, run_verifier
@@ -179,15 +179,9 @@ def _gradient_step(
         loss.backward()  # type: ignore[no-untyped-call]
         loss_total += float(loss.detach())
         if reference_NC is not None:
-            delta = reference_NC - logp_NC.detach()
-            kl_total += float(((delta.exp() - delta - 1) * part_mask).sum()) / tokens
-    params = policy.parameters()
-    if cfg.max_grad_norm:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-    else:
-        grad_norm = float(
-            torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        )
+            kl_total += float((kl_k3(logp_NC.detach(), reference_NC) * part_mask).sum()) / tokens
+    # an infinite bound clips nothing and still returns the total norm
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or math.inf))
     optimizer.step()
     return {"loss": loss_total, "kl": kl_total, "grad_norm": grad_norm}
 
@@ -347,7 +341,9 @@ def train_rl(
                 "seconds": time.perf_counter() - began,
             }
             if cfg.eval_every and validation and (step % cfg.eval_every == 0 or step == cfg.steps):
-                record["validation_greedy_accuracy"] = greedy_accuracy(policy, tokenizer, task, validation)
+                record["validation_greedy_accuracy"] = greedy_accuracy(
+                    policy, tokenizer, task, validation, max_new_tokens
+                )
             history.append(record)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _write_checkpoint(out, step, policy, optimizer, history)
@@ -373,11 +369,9 @@ def train_rl(
     return summary
 
 
-def greedy_accuracy(policy: Policy, tokenizer: Any, task: Task, problems: list[TaskProblem]) -> float:
+def greedy_accuracy(
+    policy: Policy, tokenizer: Any, task: Task, problems: list[TaskProblem], max_new_tokens: int
+) -> float:
     """The fraction of ``problems`` whose greedy completion (policy on) the verifier accepts."""
     with policy.policy():
-        completions = greedy_completions(
-            policy.model, tokenizer, [p.prompt for p in problems], task.max_new_tokens
-        )
-    rewards = [run_verifier(task.verifier, c, p) for c, p in zip(completions, problems, strict=True)]
-    return sum(is_correct(r) for r in rewards) / len(problems)
+        return evaluate(policy.model, tokenizer, problems, task.verifier, max_new_tokens, samples=0).accuracy

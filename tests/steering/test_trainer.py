@@ -243,3 +243,22 @@ def test_resume_with_other_training_problems_or_dtype_is_refused(
         train_rl(half.model, half.tokenizer, task, _cfg(steps=2), tmp_path, progress=False)
     with pytest.raises(UserError, match="full fine-tuning needs float32 weights"):
         train_rl(half.model, half.tokenizer, task, _cfg(mode="full"), tmp_path / "f", progress=False)
+
+
+def test_periodic_validation_scores_the_policy_of_that_step(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The last step's validation figure is the greedy accuracy of the saved vectors on those problems."""
+    from interlayer.steering.evaluate import evaluate
+
+    lm = load_model(str(tiny_models["llama"]))
+    task = _task()
+    train_rl(lm.model, lm.tokenizer, task, _cfg(eval_every=2, eval_problems=3), tmp_path, progress=False)
+    history = atomic.read_json(tmp_path / "history.json")
+    assert [r["step"] for r in history if "validation_greedy_accuracy" in r] == [2, 4]
+    vectors = SteeringVectors.load(tmp_path / "vectors", lm.model)
+    expected = evaluate(
+        lm.model, lm.tokenizer, task.problems["validation"], _vowel_reward, 4, vectors, samples=0
+    )
+    assert history[-1]["validation_greedy_accuracy"] == expected.accuracy
+    assert expected.accuracy > 0  # not a vacuous 0 == 0: the vowel reward is positive for most completions
