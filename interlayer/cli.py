@@ -31,6 +31,7 @@ from interlayer.cli_common import (
     emit,
     print_table,
 )
+from interlayer.diffusion.cli import diffusion_app
 from interlayer.errors import UserError
 from interlayer.flow.cli import flow_app
 from interlayer.progress import progress_bar
@@ -47,6 +48,7 @@ app.add_typer(activations_app, name="activations")
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(flow_app, name="flow")
 app.add_typer(steer_app, name="steer")
+app.add_typer(diffusion_app, name="diffusion")
 
 
 @app.command()
@@ -144,7 +146,7 @@ def demo(
         str,
         typer.Option(
             "--stages",
-            help="Stages, comma-separated: sae, budgets, flow, steering (opt-in: RL on zoo:arith-lm).",
+            help="Stages, comma-separated: sae, budgets, flow, steering (opt-in: RL on zoo:arith-lm), diffusion (opt-in: zoo:code-mdlm samplers).",
         ),
     ] = "sae,budgets,flow",
     as_json: JsonOpt = False,

