@@ -325,6 +325,10 @@ def eval_cmd(
     from interlayer.models import load_model
 
     step_counts = _int_list(steps, "--steps")
+    if not any(name.strip() for name in samplers.split(",")):
+        from interlayer.errors import UserError
+
+        raise UserError(f"--samplers takes comma-separated sampler names, got {samplers!r}")
     configs = [
         _sampler_config(
             sampler=name.strip(),

@@ -33,8 +33,8 @@ def build_templates(
             f"--length must be at least 1 and --gen-tokens at least 0, got {length} and {gen_tokens}"
         )
     start = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
-    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts] or [[]]
+    suffix_ids = tokenizer(suffix, add_special_tokens=False, verbose=False)["input_ids"] if suffix else []
+    prompt_ids = [tokenizer(p, add_special_tokens=False, verbose=False)["input_ids"] for p in prompts] or [[]]
     rows = []
     for i in range(count):
         fixed = len(start) + len(prompt_ids[i % len(prompt_ids)]) + len(suffix_ids)

@@ -167,13 +167,13 @@ def train_denoiser(
         if loaded.head != "masked_lm":
             raise UserError(f"--init {init!r} is a {loaded.head.replace('_', ' ')}, not a masked LM")
         network, tokenizer = loaded.model, loaded.tokenizer
-        mask_token_id(tokenizer, network.config, init)
+        mask_id = mask_token_id(tokenizer, network.config, init)
         network.requires_grad_(True)
     else:
         source, local_only = resolve_model_source(tokenizer_name)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         network = _new_masked_lm(tokenizer, cfg)
-    mask_id = int(tokenizer.mask_token_id)
+        mask_id = int(tokenizer.mask_token_id)
     train_NL = contexts(tokenizer, data, "train", cfg.context_len)
     val_NL = contexts(tokenizer, data, "validation", cfg.context_len, cfg.val_contexts)
     if len(train_NL) < cfg.batch_size:

@@ -54,7 +54,8 @@ class TrainingLoop:
 def check_settings(out: Path, settings: dict[str, Any], may_change: tuple[str, ...]) -> None:
     """Refuse ``out`` when it holds a run whose settings differ outside ``may_change``; record them otherwise."""
     path = out / "settings.json"
-    if path.is_file() and (out / CHECKPOINT / "state.json").is_file():  # no checkpoint yet: nothing to protect
+    # a folder without a checkpoint holds no run yet (a first attempt that failed early): nothing to protect
+    if path.is_file() and (out / CHECKPOINT / "state.json").is_file():
         stored = atomic.read_json_object(path, "run settings")
         for key in sorted(set(stored) | set(settings)):
             if key not in may_change and stored.get(key) != settings.get(key):
@@ -115,7 +116,9 @@ def run(loop: TrainingLoop, out: Path, description: str, progress: bool = True) 
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=loop.lr)
     start = _resume(out, loop, optimizer)
     if start > loop.steps:
-        raise UserError(f"{out} holds a run already at step {start}, past --steps {loop.steps}; use more steps")
+        raise UserError(
+            f"{out} holds a run already at step {start}, past --steps {loop.steps}; use more steps"
+        )
     loop.module.train()
     with progress_bar(description, loop.steps, visible=progress) as bar:
         bar.show(start)
