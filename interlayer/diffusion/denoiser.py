@@ -27,6 +27,7 @@ with neither cannot denoise and is refused.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,17 @@ class Denoiser:
         return logits_BLV
 
     @torch.no_grad()
+    def masked_log_probs(
+        self, x_t_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """log p_θ(x0 | x_t) as SUBS gives it at the [MASK] positions (log-softmax without the [MASK] logit),
+        float32 [B, L, V]; rows at revealed positions are *not* replaced by SUBS's copy (samplers never read
+        them, and building the copy costs two passes over B·L·V)."""
+        logits_BLV = self.logits(x_t_BL, attention_mask_BL).float()
+        logits_BLV[..., self.mask_id] = float("-inf")
+        return logits_BLV.log_softmax(-1)
+
+    @torch.no_grad()
     def __call__(
         self,
         x_t_BL: torch.Tensor,
@@ -100,13 +112,15 @@ class Denoiser:
 
     def fingerprint(self) -> str:
         """A short hash of the network's class, config and weights (each tensor's name, shape, sum and first
-        64 values, so that an 8B model is fingerprinted in a second): a remasker records the denoiser it was
+        64 values, rounded to bfloat16 so that loading in another dtype keeps it; an 8B model takes a second): a remasker records the denoiser it was
         trained from by this, and is refused for any other."""
         digest = hashlib.sha256(type(self.network).__name__.encode())
-        digest.update(self.network.config.to_json_string(use_diff=False).encode())
+        config = {k: v for k, v in self.network.config.to_dict().items() if k not in ("dtype", "torch_dtype")}
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         for name, tensor in sorted(self.network.state_dict().items()):
-            flat = tensor.detach().reshape(-1)
-            head = flat[:64].double().cpu()
+            flat = tensor.detach().reshape(-1)  # rounded to bfloat16 so a float32 copy and a bf16 copy agree
+            flat = flat.to(torch.bfloat16).double() if flat.is_floating_point() else flat.double()
+            head = flat[:64].cpu()
             digest.update(f"{name}{tuple(tensor.shape)}{flat.double().sum().item():.9e}".encode())
             digest.update(head.numpy().tobytes())
         return digest.hexdigest()[:16]

@@ -57,6 +57,25 @@ def gumbel(u: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
 
 
+NUCLEUS_CANDIDATES = 64
+"""Nucleus draws look at a row's 64 most probable tokens first (``topk``), and sort the whole row only when
+those hold less than ``top_p`` of the mass: the nucleus lies within them otherwise, and a full sort of every
+drawn position's vocabulary would cost more than the network on a CPU."""
+
+
+def _draw_sorted(
+    p_sorted_MK: torch.Tensor, order_MK: torch.Tensor, u_M: torch.Tensor, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF draw within the nucleus of probabilities sorted in descending order."""
+    before_MK = p_sorted_MK.cumsum(-1) - p_sorted_MK
+    p_sorted_MK = p_sorted_MK * (before_MK < top_p)
+    cdf_MK = p_sorted_MK.cumsum(-1)
+    rank_M = torch.searchsorted(cdf_MK, (u_M * cdf_MK[:, -1]).unsqueeze(-1)).squeeze(-1)
+    rank_M = rank_M.clamp(max=p_sorted_MK.shape[-1] - 1)
+    tokens_M = order_MK.gather(-1, rank_M.unsqueeze(-1)).squeeze(-1)
+    return tokens_M, p_sorted_MK.gather(-1, rank_M.unsqueeze(-1)).squeeze(-1) / cdf_MK[:, -1]
+
+
 def draw_tokens(
     log_p_MV: torch.Tensor, u_M: torch.Tensor, temperature: float, top_p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,16 +83,18 @@ def draw_tokens(
     if temperature == 0.0:
         tokens_M = log_p_MV.argmax(-1)
         return tokens_M, log_p_MV.gather(-1, tokens_M.unsqueeze(-1)).squeeze(-1).exp()
-    p_MV = (log_p_MV / temperature).softmax(-1)
+    p_MV = log_p_MV.exp() if temperature == 1.0 else (log_p_MV / temperature).softmax(-1)
     if top_p < 1.0:
-        p_sorted_MV, order_MV = p_MV.sort(-1, descending=True)
-        before_MV = p_sorted_MV.cumsum(-1) - p_sorted_MV
-        p_sorted_MV = p_sorted_MV * (before_MV < top_p)
-        cdf_MV = p_sorted_MV.cumsum(-1)
-        rank_M = torch.searchsorted(cdf_MV, (u_M * cdf_MV[:, -1]).unsqueeze(-1)).squeeze(-1)
-        rank_M = rank_M.clamp(max=p_MV.shape[-1] - 1)
-        tokens_M = order_MV.gather(-1, rank_M.unsqueeze(-1)).squeeze(-1)
-        psi_M = p_sorted_MV.gather(-1, rank_M.unsqueeze(-1)).squeeze(-1) / cdf_MV[:, -1]
+        tokens_M = torch.empty(len(p_MV), dtype=torch.long, device=p_MV.device)
+        psi_M = torch.empty(len(p_MV), device=p_MV.device)
+        top_MK, order_MK = p_MV.topk(min(NUCLEUS_CANDIDATES, p_MV.shape[-1]), dim=-1)
+        inside_M = top_MK.sum(-1) >= top_p * p_MV.sum(-1)
+        rows = inside_M.nonzero().squeeze(1)
+        tokens_M[rows], psi_M[rows] = _draw_sorted(top_MK[rows], order_MK[rows], u_M[rows], top_p)
+        rest = (~inside_M).nonzero().squeeze(1)
+        if len(rest):
+            p_sorted_RV, order_RV = p_MV[rest].sort(-1, descending=True)
+            tokens_M[rest], psi_M[rest] = _draw_sorted(p_sorted_RV, order_RV, u_M[rest], top_p)
         return tokens_M, psi_M
     cdf_MV = p_MV.cumsum(-1)
     tokens_M = torch.searchsorted(cdf_MV, (u_M * cdf_MV[:, -1]).unsqueeze(-1)).squeeze(-1)
@@ -129,9 +150,10 @@ def timed(state: State, device: torch.device, fn: Callable[[], torch.Tensor]) ->
     return out
 
 
-def predict(state: State, denoiser: Denoiser, t: float, need_B: torch.Tensor) -> torch.Tensor:
-    """log p_θ(x0 | x_t) [B, L, V] for every row, computed for the rows in ``need_B`` whose cache is stale
-    (the others' entries are the cached ones, or stale for rows not needed)."""
+def predict(state: State, denoiser: Denoiser, need_B: torch.Tensor) -> torch.Tensor:
+    """log p_θ(x0 | x_t) [B, L, V] at the [MASK] positions of every row (:meth:`Denoiser.masked_log_probs`),
+    computed for the rows in ``need_B`` whose cache is stale (the others' entries are the cached ones, or
+    stale for rows not needed). The networks do not take t, so the cache is exact."""
     if state.cache_BLV is None or state.fresh_B is None:
         batch, length = state.x_BL.shape
         state.cache_BLV = torch.empty(
@@ -142,8 +164,9 @@ def predict(state: State, denoiser: Denoiser, t: float, need_B: torch.Tensor) ->
     if bool(run_B.any()):
         rows = run_B.nonzero().squeeze(1)
         x_RL, attention_RL = state.x_BL[rows], state.attention_BL[rows]
-        t_R = torch.full((len(rows),), t, device=x_RL.device)
-        state.cache_BLV[rows] = timed(state, denoiser.device, lambda: denoiser(x_RL, t_R, attention_RL))
+        state.cache_BLV[rows] = timed(
+            state, denoiser.device, lambda: denoiser.masked_log_probs(x_RL, attention_RL)
+        )
         state.nfe_B[rows] += 1
         state.fresh_B[rows] = True
     return state.cache_BLV

@@ -385,10 +385,10 @@ def _sample_batch(
     for step in plan(config):
         u_tok_BL, u_aux_BL = noise.step()
 
-        def log_p(need_B: torch.Tensor, t: float = step.t) -> torch.Tensor:
+        def log_p(need_B: torch.Tensor) -> torch.Tensor:
             if not config.cache:
                 state.changed(torch.ones_like(need_B))
-            return predict(state, denoiser, t, need_B)
+            return predict(state, denoiser, need_B)
 
         inputs = _StepInputs(config, log_p, u_tok_BL, u_aux_BL, score if remasker else None, block_BL, k_BN)
         _RULES[step.kind](state, step, inputs)

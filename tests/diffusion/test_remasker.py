@@ -36,7 +36,7 @@ class WrongAt(nn.Module):
         super().__init__()
         self.target_BL = torch.where(wrong_L, (x0_BL + 1) % MASK, x0_BL)
         self.lm_head = nn.Linear(1, VOCAB, bias=False)
-        self.config = SimpleNamespace(to_json_string=lambda use_diff=False: "wrong-at")
+        self.config = SimpleNamespace(to_dict=lambda: {"name": "wrong-at"})
         self.inputs: list[torch.Tensor] = []
 
     def get_output_embeddings(self) -> nn.Module:
@@ -240,3 +240,12 @@ def test_save_load_round_trip_and_refusal_for_another_denoiser(
     other_denoiser, _ = load_denoiser(str(other))
     with pytest.raises(UserError, match="was trained for denoiser .* not for .*other"):
         load_remasker(tmp_path / "r", other_denoiser)
+
+
+def test_the_fingerprint_survives_loading_in_bfloat16(tiny_mdlm: Path) -> None:
+    full, _ = load_denoiser(str(tiny_mdlm))
+    half, _ = load_denoiser(str(tiny_mdlm), dtype="bfloat16")
+    assert full.fingerprint() == half.fingerprint()
+    with torch.no_grad():
+        next(full.network.parameters()).view(-1)[0] += 0.5
+    assert full.fingerprint() != half.fingerprint()
