@@ -53,7 +53,7 @@ def _remaskers(root: Path, denoiser: Any, tokenizer: Any, steps: int) -> dict[st
     out = {}
     for init in ABLATION:
         cfg = RemaskerConfig(init=init, layers=1, steps=steps, eval_every=steps, checkpoint_every=50)
-        folder = root / f"remasker-{init}"
+        folder = root / f"remasker-{init}-{steps}"
         out[init] = train_remasker(denoiser, tokenizer, folder, "stdlib:code", cfg) | {"folder": str(folder)}
     return out
 
@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument(
         "--entropy-tolerance", type=float, default=0.02, help="relative entropy gap called matched"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the remaskers are trained on it too)")
     args = parser.parse_args()
 
     import torch
@@ -144,8 +145,8 @@ def main() -> None:
 
     started = time.time()
     args.root.mkdir(parents=True, exist_ok=True)
-    denoiser, tokenizer = load_denoiser(DENOISER)
-    scorer = load_model(SCORER)
+    denoiser, tokenizer = load_denoiser(DENOISER, device=args.device)
+    scorer = load_model(SCORER, device=args.device)
     trained = _remaskers(args.root, denoiser, tokenizer, args.remasker_steps)
     remaskers = {init: load_remasker(info["folder"], denoiser) for init, info in trained.items()}
     length = int(denoiser.network.config.max_position_embeddings)
@@ -162,7 +163,7 @@ def main() -> None:
     for name, schedule in GRID:
         for n in steps:
             config = SamplerConfig(sampler=name, steps=n, schedule=schedule)
-            key = f"{config.label()}-{n}-{args.samples}"
+            key = f"{config.label()}-{n}-{args.samples}-r{args.remasker_steps}-{args.device}"
             remasker = remaskers["all"] if name == "gstar" else None
             rows.append(
                 {
@@ -181,7 +182,7 @@ def main() -> None:
     for init in ABLATION:
         for n in (16, 32):
             config = SamplerConfig(sampler="gstar", steps=n)
-            key = f"gstar-{init}-{n}-{args.samples}"
+            key = f"gstar-{init}-{n}-{args.samples}-r{args.remasker_steps}-{args.device}"
             row = _cell(args.root, key, lambda c=config, r=remaskers[init]: run(c, r))
             ablation.append(
                 {
@@ -196,7 +197,7 @@ def main() -> None:
     _plot(rows, RESULTS / "diffusion_samplers.png")
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
-        "device": "cpu",
+        "device": args.device,
         "samples_per_cell": args.samples,
         "length": length,
         "remaskers": {

@@ -359,7 +359,7 @@ def diffusion_stage(ctx: DemoContext) -> list[Section]:
 
     cfg = ctx.cfg
     denoiser, tokenizer = load_denoiser("zoo:code-mdlm")
-    run = cfg.out / "diffusion" / "remasker"
+    run = cfg.out / "diffusion" / f"remasker-{cfg.remasker_steps}"
     rcfg = RemaskerConfig(
         init="first",
         layers=1,

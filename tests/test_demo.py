@@ -263,10 +263,71 @@ def test_steering_stage_trains_evaluates_and_explains(
     assert "<script" not in html
 
 
+def test_diffusion_stage_shows_samplers_and_the_remaskers_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The opt-in diffusion stage on a tiny code-mdlm and code-lm built through the real zoo path: its G-Star
+    samples, drawn again with the same seed, give the reported generative perplexity, and the report
+    highlights exactly the tokens whose remasker logit is positive."""
+    from dataclasses import replace
+
+    from test_zoo import TINY
+
+    from interlayer import zoo
+    from interlayer.diffusion import SamplerConfig, build_templates, load_denoiser, load_remasker, sample
+    from interlayer.diffusion.metrics import generative_perplexity
+    from interlayer.diffusion.templates import decode_samples
+
+    monkeypatch.setenv("INTERLAYER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(zoo.REGISTRY, "code-lm", replace(TINY, name="code-lm", corpus="stdlib:code"))
+    tiny_mdlm = replace(TINY, name="code-mdlm", corpus="stdlib:code", kind="mdlm", context_len=32, steps=30)
+    monkeypatch.setitem(zoo.REGISTRY, "code-mdlm", tiny_mdlm)
+    from interlayer.diffusion.remasker import Remasker
+
+    trained_forward = Remasker.forward
+
+    def every_third_token(
+        self: Remasker, x0_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A stand-in for a trained remasker (5 steps leave every logit near 0): errors where id % 3 == 0."""
+        return trained_forward(self, x0_BL, attention_mask_BL) * 0 + torch.where(x0_BL % 3 == 0, 1.0, -1.0)
+
+    monkeypatch.setattr(Remasker, "forward", every_third_token)
+    cfg = DemoConfig(
+        out=tmp_path / "demo", stages=("diffusion",), remasker_steps=5, diffusion_samples=6,
+    )  # fmt: skip
+    summary = run_demo(cfg)
+    denoiser, tokenizer = load_denoiser("zoo:code-mdlm")
+    remasker = load_remasker(tmp_path / "demo" / "diffusion" / "remasker-5", denoiser)
+    template, attention = build_templates(tokenizer, denoiser.mask_id, 6, 32)
+    result = sample(denoiser, SamplerConfig(sampler="gstar", steps=16), template, attention, 0, 2, remasker)
+    texts, _ = decode_samples(tokenizer, result.tokens_NL, result.attention_NL)
+    rows = {row["sampler"]: row for row in summary["diffusion"]["samplers"]}
+    assert list(rows) == ["mdlm", "remdm-cap", "star", "gstar"]
+    scored = generative_perplexity(texts, load_model("zoo:code-lm"))["gen_ppl"]
+    assert rows["gstar"]["gen_ppl"] == pytest.approx(scored, rel=1e-5)
+    flagged = 0
+    with torch.no_grad():
+        for name in rows:
+            res = sample(
+                denoiser, SamplerConfig(sampler=name, steps=16), template, attention, 0, 64,
+                remasker if name == "gstar" else None,
+            )  # fmt: skip
+            logits = remasker(res.tokens_NL[:3], res.attention_NL[:3])
+            special = torch.isin(res.tokens_NL[:3], torch.tensor(tokenizer.all_special_ids))
+            flagged += int(((logits > 0) & ~special & res.attention_NL[:3].bool()).sum())
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "Masked diffusion: samplers side by side" in html
+    assert html.count("background:#fbd5d5") == flagged > 0
+    assert "<script" not in html
+
+
 def test_unknown_demo_stage_is_refused(tmp_path: Path) -> None:
     from interlayer.errors import UserError
 
-    with pytest.raises(UserError, match="unknown demo stage steer; stages: sae, budgets, flow, steering"):
+    with pytest.raises(
+        UserError, match="unknown demo stage steer; stages: sae, budgets, flow, steering, diffusion"
+    ):
         DemoConfig.preset(True, tmp_path, ("sae", "steer"))
     with pytest.raises(UserError, match="the demo stages flow need the sae stage"):
         DemoConfig.preset(True, tmp_path, ("flow",))

@@ -322,12 +322,11 @@ def eval_cmd(
     """Every sampler at every step count on the same seeds: gen. perplexity, entropy, validity, NFE, time."""
     from interlayer import atomic
     from interlayer.diffusion.evaluate import evaluate_grid
+    from interlayer.errors import UserError
     from interlayer.models import load_model
 
     step_counts = _int_list(steps, "--steps")
     if not any(name.strip() for name in samplers.split(",")):
-        from interlayer.errors import UserError
-
         raise UserError(f"--samplers takes comma-separated sampler names, got {samplers!r}")
     configs = [
         _sampler_config(
@@ -343,6 +342,13 @@ def eval_cmd(
     ]
     for n in step_counts:
         _sampler_config(sampler=configs[0].sampler, steps=n)
+    if remasker is None and any(c.info.strategy == "learned" for c in configs):
+        raise UserError(
+            "gstar needs a remasker (--remasker FOLDER, from `interlayer diffusion train-remasker`)"
+        )
+    scoring = load_model(scorer, device=device) if scorer else None
+    if scoring is not None and scoring.head != "causal_lm":
+        raise UserError(f"--scorer {scorer!r} is a {scoring.head.replace('_', ' ')}; it must be a causal LM")
     den, tokenizer = _denoiser(denoiser, device, "float32", "auto", False)
     rows = evaluate_grid(
         den,
@@ -351,7 +357,7 @@ def eval_cmd(
         step_counts,
         num_samples,
         _length(den, length),
-        load_model(scorer, device=device) if scorer else None,
+        scoring,
         _remasker(remasker, den),
         seed,
         batch_size,

@@ -115,7 +115,13 @@ class Denoiser:
         64 values, rounded to bfloat16 so that loading in another dtype keeps it; an 8B model takes a second): a remasker records the denoiser it was
         trained from by this, and is refused for any other."""
         digest = hashlib.sha256(type(self.network).__name__.encode())
-        config = {k: v for k, v in self.network.config.to_dict().items() if k not in ("dtype", "torch_dtype")}
+        where_and_how = (
+            "dtype",
+            "torch_dtype",
+            "_name_or_path",
+            "transformers_version",
+        )  # not the model itself
+        config = {k: v for k, v in self.network.config.to_dict().items() if k not in where_and_how}
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         for name, tensor in sorted(self.network.state_dict().items()):
             flat = tensor.detach().reshape(-1)  # rounded to bfloat16 so a float32 copy and a bf16 copy agree

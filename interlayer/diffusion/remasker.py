@@ -218,7 +218,11 @@ def load_remasker(folder: str | Path, denoiser: Denoiser) -> Remasker:
             f"the remasker in {folder} was trained for denoiser {meta.get('denoiser')!r}, not for "
             f"{denoiser.name!r} (their weights differ); train one for it with `interlayer diffusion train-remasker`"
         )
-    remasker = Remasker(denoiser, str(meta["init"]), int(meta["layers"]))
+    try:
+        init, layers = str(meta["init"]), int(meta["layers"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{folder / META} is not a remasker description (no init/layers)") from None
+    remasker = Remasker(denoiser, init, layers)
     tensors = atomic.read_tensors(folder / WEIGHTS, "remasker weights", device=str(denoiser.device))
     missing, unexpected = remasker.load_state_dict(tensors, strict=False)
     if missing or unexpected:

@@ -223,26 +223,31 @@ class SampleResult:
     config: dict[str, object] = field(default_factory=dict)
 
 
-def _llada_counts(config: SamplerConfig, generated_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block of every position (−1: not generated) and k[b, i], the tokens row b reveals at step i."""
+def _llada_plan(
+    config: SamplerConfig, generated_BL: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, on its own (so a sample does not depend on its batch): the block of every position (−1: not
+    generated), the block row b works on at step i, and k[b, i], the tokens it reveals then."""
     rank_BL = generated_BL.long().cumsum(1) - 1
-    n_gen_B = generated_BL.sum(1)
-    width = config.block_length or max(int(n_gen_B.max()), 1)
-    blocks = max(1, math.ceil(int(n_gen_B.max()) / width))
-    if config.steps % blocks:
-        raise UserError(
-            f"--steps {config.steps} must be a multiple of the number of blocks ({blocks} blocks of "
-            f"--block-length {width})"
-        )
-    per_block = config.steps // blocks
-    block_BL = torch.where(generated_BL, rank_BL // width, torch.full_like(rank_BL, -1))
+    block_BL = torch.full_like(rank_BL, -1)
+    active_BN = torch.zeros(len(generated_BL), config.steps, dtype=torch.long)
     k_BN = torch.zeros(len(generated_BL), config.steps, dtype=torch.long)
-    for b in range(blocks):
-        count_B = (block_BL == b).sum(1).cpu()
-        base_B, extra_B = count_B // per_block, count_B % per_block
-        for j in range(per_block):
-            k_BN[:, b * per_block + j] = base_B + (j < extra_B).long()
-    return block_BL, k_BN
+    for b, n_gen in enumerate(generated_BL.sum(1).tolist()):
+        width = config.block_length or max(n_gen, 1)
+        blocks = max(1, math.ceil(n_gen / width))
+        if config.steps % blocks:
+            raise UserError(
+                f"--steps {config.steps} must be a multiple of the number of blocks ({n_gen} generated tokens "
+                f"in blocks of --block-length {width} make {blocks})"
+            )
+        per_block = config.steps // blocks
+        block_BL[b] = torch.where(generated_BL[b], rank_BL[b] // width, -1)
+        active_BN[b] = torch.arange(config.steps) // per_block
+        for block in range(blocks):
+            count = int((block_BL[b] == block).sum())
+            for j in range(per_block):
+                k_BN[b, block * per_block + j] = count // per_block + (j < count % per_block)
+    return block_BL, active_BN, k_BN
 
 
 @dataclass
@@ -257,8 +262,8 @@ class _StepInputs:
     u_aux_BL: torch.Tensor
     """Uniforms for the step's other choices (which masks to reveal, which tokens to remask)."""
     score_errors: Callable[[torch.Tensor], torch.Tensor] | None = None
-    block_BL: torch.Tensor | None = None
-    k_BN: torch.Tensor | None = None
+    llada: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """LLaDA: :func:`_llada_plan`'s blocks, active block per step and tokens per step."""
 
 
 def _ancestral(state: State, step: Step, inp: _StepInputs) -> None:
@@ -330,10 +335,10 @@ def _star(state: State, step: Step, inp: _StepInputs) -> None:
 
 def _llada(state: State, step: Step, inp: _StepInputs) -> None:
     cfg = inp.config
-    assert inp.block_BL is not None and inp.k_BN is not None
-    per_block = cfg.steps // max(1, int(inp.block_BL.max()) + 1)
-    candidates_BL = state.masked_BL & (inp.block_BL == step.index // per_block)
-    k_B = torch.minimum(inp.k_BN[:, step.index].to(candidates_BL.device), candidates_BL.sum(1))
+    assert inp.llada is not None
+    block_BL, active_BN, k_BN = inp.llada
+    candidates_BL = state.masked_BL & (block_BL == active_BN[:, step.index].unsqueeze(1))
+    k_B = torch.minimum(k_BN[:, step.index], candidates_BL.sum(1))
     log_p_BLV = inp.log_p(k_B > 0)
     draw_BL = candidates_BL & (k_B > 0).unsqueeze(1)
     x0_BL, psi_BL = propose(state, log_p_BLV, draw_BL, inp.u_tok_BL, cfg.temperature, cfg.top_p)
@@ -373,10 +378,10 @@ def _sample_batch(
         nfe_B=torch.zeros(batch, dtype=torch.long, device=device),
         remasker_nfe_B=torch.zeros(batch, dtype=torch.long, device=device),
     )
-    block_BL = k_BN = None
+    llada = None
     if config.info.kind == "llada":
-        block_cpu_BL, k_BN = _llada_counts(config, generated_BL.cpu())
-        block_BL = block_cpu_BL.to(device)
+        block_BL, active_BN, k_BN = _llada_plan(config, generated_BL.cpu())
+        llada = (block_BL.to(device), active_BN.to(device), k_BN.to(device))
 
     def score(x0_BL: torch.Tensor) -> torch.Tensor:
         assert remasker is not None
@@ -390,7 +395,7 @@ def _sample_batch(
                 state.changed(torch.ones_like(need_B))
             return predict(state, denoiser, need_B)
 
-        inputs = _StepInputs(config, log_p, u_tok_BL, u_aux_BL, score if remasker else None, block_BL, k_BN)
+        inputs = _StepInputs(config, log_p, u_tok_BL, u_aux_BL, score if remasker else None, llada)
         _RULES[step.kind](state, step, inputs)
         on_step()
     return state

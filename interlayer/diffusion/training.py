@@ -1,6 +1,7 @@
 """The resumable training loop shared by ``diffusion train`` (the MDLM denoiser) and ``train-remasker``.
 
-Step k's batch and every random draw of it come from a generator seeded by (seed, k) alone, so a run
+Step k's batch and every random draw of it come from a generator seeded by (seed, k) alone (and the
+global stream, which dropout reads, is seeded from (seed, k) for the step), so a run
 killed at any point and rerun with the same command continues from its last checkpoint and ends with the
 same weights as an uninterrupted run (bit for bit on the same device with the same thread count).
 A checkpoint (every ``checkpoint_every`` steps and at the end) is the trainable parameters and AdamW's
@@ -126,7 +127,11 @@ def run(loop: TrainingLoop, out: Path, description: str, progress: bool = True) 
             for group in optimizer.param_groups:
                 group["lr"] = loop.lr * min(1.0, step / loop.warmup_steps) if loop.warmup_steps else loop.lr
             generator = torch.Generator().manual_seed(row_seed(loop.seed, step))
-            loss, logged = loop.step_fn(step, generator)
+            with torch.random.fork_rng(
+                devices=[]
+            ):  # dropout draws from the global stream: seed it per step too
+                torch.manual_seed(row_seed(loop.seed + 1, step))
+                loss, logged = loop.step_fn(step, generator)
             if not math.isfinite(loss.item()):
                 raise UserError(f"the loss became {loss.item()} at step {step}; lower --lr")
             optimizer.zero_grad(set_to_none=True)

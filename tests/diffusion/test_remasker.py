@@ -249,3 +249,11 @@ def test_the_fingerprint_survives_loading_in_bfloat16(tiny_mdlm: Path) -> None:
     with torch.no_grad():
         next(full.network.parameters()).view(-1)[0] += 0.5
     assert full.fingerprint() != half.fingerprint()
+
+
+def test_the_fingerprint_ignores_where_the_model_was_loaded_from(tiny_mdlm: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "moved"
+    shutil.copytree(tiny_mdlm, copy)
+    here, _ = load_denoiser(str(tiny_mdlm))
+    there, _ = load_denoiser(str(copy))
+    assert here.fingerprint() == there.fingerprint()

@@ -235,3 +235,147 @@ def test_nucleus_draws_equal_a_full_sort_reference_on_peaked_and_flat_rows() -> 
                 break
         assert int(tokens[row]) == want
         assert float(psi[row]) == pytest.approx(float(p[want]) / total, rel=1e-4)
+
+
+def _state(x_BL: torch.Tensor, confidence_BL: torch.Tensor | None = None) -> State:
+    return State(
+        x_BL=x_BL.clone(),
+        generated_BL=torch.ones_like(x_BL, dtype=torch.bool),
+        attention_BL=torch.ones_like(x_BL),
+        mask_id=MASK,
+        confidence_BL=torch.ones(x_BL.shape) if confidence_BL is None else confidence_BL,
+        nfe_B=torch.zeros(len(x_BL), dtype=torch.long),
+        remasker_nfe_B=torch.zeros(len(x_BL), dtype=torch.long),
+    )
+
+
+def _inputs(config: SamplerConfig, log_p_BLV: torch.Tensor, u_aux: torch.Tensor, **extra: object) -> object:
+    from interlayer.diffusion.samplers import _StepInputs
+
+    u_tok = torch.full(u_aux.shape, 0.5)
+    return _StepInputs(config, lambda need: log_p_BLV, u_tok, u_aux, **extra)  # type: ignore[arg-type]
+
+
+def _peaked(x0_BL: torch.Tensor, psi_BL: torch.Tensor) -> torch.Tensor:
+    """log p with mass ψ on x0's token and the rest spread evenly over the other real tokens."""
+    p = ((1 - psi_BL) / (MASK - 1)).unsqueeze(-1).expand(*x0_BL.shape, MASK + 1).clone()
+    p.scatter_(-1, x0_BL.unsqueeze(-1), psi_BL.unsqueeze(-1))
+    p[..., MASK] = 0
+    return p.log()
+
+
+def test_gstar_remasks_the_positions_its_remasker_calls_errors() -> None:
+    from interlayer.diffusion.samplers import _star
+
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, MASK, (4, 20), generator=generator)
+    errors = torch.zeros(4, 20, dtype=torch.bool)
+    errors[:, [2, 5, 11, 17]] = True  # k = ⌈0.2 · 20⌉ = 4 positions per row
+    step = Step(0, 0.25, 0.2, 0.25, 0.2, "star")
+    config = SamplerConfig(sampler="gstar", steps=4)
+    state = _state(torch.full_like(x0, MASK))
+    inputs = _inputs(config, _peaked(x0, torch.full(x0.shape, 0.99)), torch.rand(4, 20, generator=generator),
+                     score_errors=lambda x: torch.where(errors, 50.0, -50.0))  # fmt: skip
+    _star(state, step, inputs)  # type: ignore[arg-type]
+    assert torch.equal(state.x_BL == MASK, errors)
+    assert torch.equal(state.x_BL[~errors], x0[~errors])
+
+
+def test_star_conf_remasks_the_least_confident_and_llada_commits_the_most_confident() -> None:
+    from interlayer.diffusion.samplers import _llada, _star
+
+    x0 = torch.arange(1, 11).unsqueeze(0) % MASK
+    psi = torch.tensor([[0.99, 0.98, 0.02, 0.97, 0.96, 0.01, 0.95, 0.94, 0.93, 0.92]])
+    u_aux = torch.full((1, 10), 0.5)  # the same Gumbel noise everywhere: the order is ψ's
+    state = _state(torch.full_like(x0, MASK))
+    _star(
+        state,
+        Step(0, 0.3, 0.2, 0.3, 0.2, "star"),
+        _inputs(SamplerConfig(sampler="star-conf"), _peaked(x0, psi), u_aux),
+    )  # type: ignore[arg-type]
+    assert (state.x_BL == MASK).nonzero()[:, 1].tolist() == [2, 5]
+    state = _state(torch.full_like(x0, MASK))
+    plan_ = (torch.zeros(1, 10, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), torch.tensor([[3]]))
+    _llada(
+        state,
+        Step(0, 1.0, 0.0, 1.0, 0.0, "llada"),
+        _inputs(SamplerConfig(sampler="llada", steps=1), _peaked(x0, psi), u_aux, llada=plan_),
+    )  # type: ignore[arg-type]
+    assert (state.x_BL != MASK).nonzero()[:, 1].tolist() == [0, 1, 3]
+
+
+@pytest.mark.parametrize("name", ["remdm-cap", "remdm-rescale", "remdm-conf"])
+def test_remdm_remasks_and_reveals_at_the_posterior_rates(name: str) -> None:
+    from interlayer.diffusion.samplers import _remdm
+
+    rows, length = 4000, 10
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, MASK, (rows, length), generator=generator)
+    x[:, :5] = MASK  # 5 masks, 5 revealed tokens per row
+    psi = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.1, 0.9, 0.9]).expand(rows, length).clone()
+    config = SamplerConfig(sampler=name, steps=10, eta=0.3 if name != "remdm-conf" else None)
+    step = Step(5, 0.5, 0.4, 0.5, 0.4, "remdm")
+    state = _state(x, psi)
+    sigma = _sigma(config, step, state, x != MASK)
+    _remdm(
+        state,
+        step,
+        _inputs(
+            config,
+            _peaked(x.clamp(max=MASK - 1), torch.full(x.shape, 0.9)),
+            torch.rand(rows, length, generator=generator),
+        ),
+    )  # type: ignore[arg-type]
+    remasked = (state.x_BL[:, 5:] == MASK).float().mean(0)
+    revealed = (state.x_BL[:, :5] != MASK).float().mean()
+    assert torch.allclose(remasked, sigma[0, 5:], atol=0.025)
+    alpha_t, alpha_s = 0.5, 0.6
+    expected_reveal = (alpha_s - (1 - sigma[0, 0]) * alpha_t) / (1 - alpha_t)
+    assert float(revealed) == pytest.approx(float(expected_reveal), abs=0.02)
+    if name == "remdm-conf":  # the token drawn with ψ = 0.1 is remasked most
+        assert int(remasked.argmax()) == 2 and float(sigma[0, :5].abs().max()) == 0.0
+    else:
+        assert float(remasked.mean()) > 0.05
+
+
+class _Recording(torch.nn.Module):
+    """Logits +40 on token (position mod 5), recording the attention masks it receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm_head = torch.nn.Linear(1, MASK + 1, bias=False)
+        self.config = type("C", (), {"to_dict": lambda self: {"name": "recording"}})()
+        self.masks: list[torch.Tensor | None] = []
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> object:
+        self.masks.append(attention_mask)
+        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids) % 5
+        return type("O", (), {"logits": torch.nn.functional.one_hot(positions, MASK + 1).float() * 40})()
+
+
+def test_padding_reaches_the_network_as_an_attention_mask() -> None:
+    network = _Recording()
+    template = torch.tensor([[0, MASK, MASK, 1, 1], [0, MASK, MASK, MASK, MASK]])
+    attention = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    sample(Denoiser(network, MASK), SamplerConfig(sampler="mdlm", steps=2, cache=False), template, attention)
+    first = network.masks[0]
+    assert first is not None and torch.equal(first, attention)
+
+
+@pytest.mark.parametrize("name", ["llada", "gstar", "remdm-conf"])
+def test_rows_of_different_lengths_sample_the_same_alone_or_together(name: str) -> None:
+    """Block plans, masks counts and noise are per row: a row's sample does not depend on its batch-mates."""
+    noisy = Denoiser(_Noisy(), MASK)
+    template = torch.full((3, 12), MASK)
+    template[:, 0] = torch.tensor([0, 1, 2])
+    attention = torch.ones_like(template)
+    attention[0, 8:] = 0  # row 0: 7 generated positions; row 1 and 2: 11
+    template[0, 8:] = 1
+    config = SamplerConfig(sampler=name, steps=6, block_length=4 if name == "llada" else 0)  # 2 and 3 blocks
+    remasker = (lambda x0, mask: (x0 % 3).float()) if name == "gstar" else None
+    together = sample(noisy, config, template, attention, seed=2, batch_size=3, remasker=remasker)
+    alone = sample(noisy, config, template, attention, seed=2, batch_size=1, remasker=remasker)
+    assert torch.equal(together.tokens_NL, alone.tokens_NL) and torch.equal(together.nfe_N, alone.nfe_N)
