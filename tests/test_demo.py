@@ -294,7 +294,8 @@ def test_diffusion_stage_shows_samplers_and_the_remaskers_flags(
 
     monkeypatch.setattr(Remasker, "forward", every_third_token)
     cfg = DemoConfig(
-        out=tmp_path / "demo", stages=("diffusion",), remasker_steps=5, diffusion_samples=6,
+        out=tmp_path / "demo", tokens=8192, latents=256, k=8, batch_size=512, eval_tokens=600,
+        stages=("diffusion",), remasker_steps=5, diffusion_samples=6,
     )  # fmt: skip
     summary = run_demo(cfg)
     denoiser, tokenizer = load_denoiser("zoo:code-mdlm")
