@@ -316,10 +316,22 @@ def eval_cmd(
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 64,
     out: Annotated[Path | None, typer.Option("--out", help="Write results.json here.")] = None,
+    mauve_features: Annotated[
+        str,
+        typer.Option(
+            "--mauve-features",
+            help="Also MAUVE against --data's validation texts, with this feature model (needs mauve-text).",
+        ),
+    ] = "",
+    data: DataOpt = "stdlib:code",
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Every sampler at every step count on the same seeds: gen. perplexity, entropy, validity, NFE, time."""
+    import importlib.util
+
+    import torch
+
     from interlayer import atomic
     from interlayer.diffusion.evaluate import evaluate_grid
     from interlayer.errors import UserError
@@ -349,18 +361,30 @@ def eval_cmd(
     scoring = load_model(scorer, device=device) if scorer else None
     if scoring is not None and scoring.head != "causal_lm":
         raise UserError(f"--scorer {scorer!r} is a {scoring.head.replace('_', ' ')}; it must be a causal LM")
+    if mauve_features and importlib.util.find_spec("mauve") is None:
+        raise UserError("--mauve-features needs the optional package mauve-text (pip install mauve-text)")
     den, tokenizer = _denoiser(denoiser, device, "float32", "auto", False)
+    size = _length(den, length)
+    references: list[str] = []
+    if mauve_features:
+        from interlayer.diffusion.templates import decode_samples
+        from interlayer.diffusion.train import contexts
+
+        held_out = contexts(tokenizer, data, "validation", size, num_samples)
+        references = decode_samples(tokenizer, held_out, torch.ones_like(held_out))[0]
     rows = evaluate_grid(
         den,
         tokenizer,
         configs,
         step_counts,
         num_samples,
-        _length(den, length),
+        size,
         scoring,
         _remasker(remasker, den),
         seed,
         batch_size,
+        mauve_references=references,
+        mauve_features=mauve_features or None,
     )
     summary = {
         "denoiser": denoiser,

@@ -15,19 +15,27 @@ from typing import Any
 
 from interlayer.diffusion.denoiser import Denoiser
 from interlayer.diffusion.engine import ErrorScorer
-from interlayer.diffusion.metrics import summarize_samples
+from interlayer.diffusion.metrics import mauve_score, summarize_samples
 from interlayer.diffusion.samplers import SamplerConfig, SampleResult, sample
 from interlayer.diffusion.templates import build_templates, decode_samples
 from interlayer.models import LoadedModel
 
 
 def cell_metrics(
-    result: SampleResult, tokenizer: Any, scorer: LoadedModel | None, with_texts: bool = False
+    result: SampleResult,
+    tokenizer: Any,
+    scorer: LoadedModel | None,
+    with_texts: bool = False,
+    mauve_references: Sequence[str] = (),
+    mauve_features: str | None = None,
 ) -> dict[str, Any]:
-    """The metrics of one set of samples (module doc)."""
+    """The metrics of one set of samples (module doc); MAUVE against ``mauve_references`` when given
+    (:func:`interlayer.diffusion.metrics.mauve_score`, the optional ``mauve-text`` package)."""
     texts, ids = decode_samples(tokenizer, result.tokens_NL, result.attention_NL)
     n = len(texts)
     row: dict[str, Any] = summarize_samples(texts, ids, scorer)
+    if mauve_references:
+        row |= mauve_score(list(mauve_references), texts, mauve_features)
     row |= {
         "nfe": float(result.nfe_N.float().mean()),
         "remasker_nfe": float(result.remasker_nfe_N.float().mean()),
@@ -51,6 +59,8 @@ def evaluate_grid(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    mauve_references: Sequence[str] = (),
+    mauve_features: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (sampler config, steps): its settings and :func:`cell_metrics`."""
     template, attention = build_templates(tokenizer, denoiser.mask_id, num_samples, length)
@@ -59,5 +69,6 @@ def evaluate_grid(
         for n in steps:
             cell = replace(config, steps=n)
             result = sample(denoiser, cell, template, attention, seed, batch_size, remasker, progress)
-            rows.append({"sampler": cell.label(), "steps": n, **cell_metrics(result, tokenizer, scorer)})
+            metrics = cell_metrics(result, tokenizer, scorer, False, mauve_references, mauve_features)
+            rows.append({"sampler": cell.label(), "steps": n, **metrics})
     return rows
