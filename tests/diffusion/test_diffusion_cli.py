@@ -184,7 +184,14 @@ def test_user_errors(
     refused([*evaluate, "--steps", "0,4"], "--steps", "at least 1, got 0")
     refused([*evaluate, "--samplers", "mdlm,nope"], "sampler must be one of", "'nope'")
     refused([*evaluate, "--samplers", "mdlm,gstar"], "gstar needs a remasker")  # before any sampling
-    refused([*evaluate, "--samplers", "mdlm", "--scorer", str(tiny_mdlm)], "--scorer", "is a masked lm; it must be a causal LM")
+    refused(
+        [*evaluate, "--samplers", "mdlm", "--scorer", str(tiny_mdlm)],
+        "--scorer",
+        "is a masked lm; it must be a causal LM",
+    )
     if importlib.util.find_spec("mauve") is None:
-        refused([*evaluate, "--samplers", "mdlm", "--mauve-features", "gpt2"], "needs the optional package mauve-text")
+        refused(
+            [*evaluate, "--samplers", "mdlm", "--mauve-features", "gpt2"],
+            "needs the optional package mauve-text",
+        )
     assert not (tmp_path / "x").exists()
