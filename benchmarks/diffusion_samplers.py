@@ -100,6 +100,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 def _verdict(rows: list[dict[str, Any]], steps: int, tolerance: float) -> dict[str, Any]:
     """G-Star vs MDLM and the best ReMDM (lowest gen. PPL among those within the entropy tolerance)."""
     at = {r["sampler"]: r for r in rows if r["steps"] == steps}
+    if not {"gstar", "mdlm"} <= at.keys() or not any(name.startswith("remdm") for name in at):
+        return {"steps": steps, "skipped": "needs gstar, mdlm and a remdm sampler in the grid"}
     g = at["gstar"]
     remdm = [r for name, r in at.items() if name.startswith("remdm")]
     matched = [r for r in remdm if abs(r["entropy"] - g["entropy"]) <= tolerance * g["entropy"]]
@@ -109,13 +111,17 @@ def _verdict(rows: list[dict[str, Any]], steps: int, tolerance: float) -> dict[s
         "steps": steps,
         "gstar": g["gen_ppl"],
         "gstar_entropy": g["entropy"],
+        "gstar_interval": [g["gen_ppl_low"], g["gen_ppl_high"]],
         "mdlm": mdlm["gen_ppl"],
+        "mdlm_interval": [mdlm["gen_ppl_low"], mdlm["gen_ppl_high"]],
         "mdlm_entropy": mdlm["entropy"],
         "best_remdm": best["sampler"],
         "best_remdm_ppl": best["gen_ppl"],
+        "best_remdm_interval": [best["gen_ppl_low"], best["gen_ppl_high"]],
         "best_remdm_entropy": best["entropy"],
         "entropy_matched": abs(mdlm["entropy"] - g["entropy"]) <= tolerance * g["entropy"] and bool(matched),
         "beats_both": g["gen_ppl"] < mdlm["gen_ppl"] and g["gen_ppl"] < best["gen_ppl"],
+        "beats_both_beyond_intervals": g["gen_ppl_high"] < min(mdlm["gen_ppl_low"], best["gen_ppl_low"]),
     }
 
 
@@ -132,6 +138,10 @@ def main() -> None:
         "--entropy-tolerance", type=float, default=0.02, help="relative entropy gap called matched"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the remaskers are trained on it too)")
+    parser.add_argument("--denoiser", default=DENOISER, help="a folder works too (the GPU check carries one)")
+    parser.add_argument("--scorer", default=SCORER)
+    parser.add_argument("--samplers", default="", help="comma-separated labels of GRID to run (default: all)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and PNG go")
     args = parser.parse_args()
 
     import torch
@@ -145,8 +155,8 @@ def main() -> None:
 
     started = time.time()
     args.root.mkdir(parents=True, exist_ok=True)
-    denoiser, tokenizer = load_denoiser(DENOISER, device=args.device)
-    scorer = load_model(SCORER, device=args.device)
+    denoiser, tokenizer = load_denoiser(args.denoiser, device=args.device)
+    scorer = load_model(args.scorer, device=args.device)
     trained = _remaskers(args.root, denoiser, tokenizer, args.remasker_steps)
     remaskers = {init: load_remasker(info["folder"], denoiser) for init, info in trained.items()}
     length = int(denoiser.network.config.max_position_embeddings)
@@ -159,10 +169,13 @@ def main() -> None:
         row["examples"] = row.pop("texts")[:4]
         return row
 
+    wanted = {label for label in args.samplers.split(",") if label}
     rows = []
     for name, schedule in GRID:
         for n in steps:
             config = SamplerConfig(sampler=name, steps=n, schedule=schedule)
+            if wanted and config.label() not in wanted:
+                continue
             key = f"{config.label()}-{n}-{args.samples}-r{args.remasker_steps}-{args.device}"
             remasker = remaskers["all"] if name == "gstar" else None
             rows.append(
@@ -179,8 +192,8 @@ def main() -> None:
                 flush=True,
             )
     ablation = []
-    for init in ABLATION:
-        for n in (16, 32):
+    for init in ABLATION if not wanted or "gstar" in wanted else ():
+        for n in [n for n in (16, 32) if n in steps]:
             config = SamplerConfig(sampler="gstar", steps=n)
             key = f"gstar-{init}-{n}-{args.samples}-r{args.remasker_steps}-{args.device}"
             row = _cell(args.root, key, lambda c=config, r=remaskers[init]: run(c, r))
@@ -193,8 +206,8 @@ def main() -> None:
                 }
             )
     verdicts = [_verdict(rows, n, args.entropy_tolerance) for n in (16, 32) if n in steps]
-    RESULTS.mkdir(exist_ok=True)
-    _plot(rows, RESULTS / "diffusion_samplers.png")
+    args.results.mkdir(parents=True, exist_ok=True)
+    _plot(rows, args.results / "diffusion_samplers.png")
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
         "device": args.device,
@@ -213,14 +226,14 @@ def main() -> None:
         "verdicts": verdicts,
         "minutes": (time.time() - started) / 60,
     }
-    (RESULTS / "diffusion_samplers.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.results / "diffusion_samplers.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         "\n| sampler | steps | gen PPL | entropy | diversity | valid Python | NFE (+remasker) | s/sample | overhead |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['sampler']} | {r['steps']} | {r['gen_ppl']:.2f} | {r['entropy']:.3f} | {r['diversity']:.3f} | "
+            f"| {r['sampler']} | {r['steps']} | {r['gen_ppl']:.1f} [{r['gen_ppl_low']:.1f}, {r['gen_ppl_high']:.1f}] | {r['entropy']:.3f} | {r['diversity']:.3f} | "
             f"{r['python_validity']:.3f} | {r['nfe']:.1f} (+{r['remasker_nfe']:.1f}) | {r['seconds_per_sample']:.4f} | {r['overhead']:.1%} |"
         )
     print("\n| remasker | steps | val P / R / F1 | gen PPL | entropy | valid |")
@@ -228,7 +241,7 @@ def main() -> None:
     for r in ablation:
         print(
             f"| {r['remasker']} | {r['steps']} | {r['val_precision']:.3f} / {r['val_recall']:.3f} / {r['val_f1']:.3f} | "
-            f"{r['gen_ppl']:.2f} | {r['entropy']:.3f} | {r['python_validity']:.3f} |"
+            f"{r['gen_ppl']:.1f} [{r['gen_ppl_low']:.1f}, {r['gen_ppl_high']:.1f}] | {r['entropy']:.3f} | {r['python_validity']:.3f} |"
         )
     for v in verdicts:
         print(v)

@@ -97,6 +97,7 @@ def generative_perplexity(
         ``gen_ppl``: exp(Σ_samples Σ_t ℓ_t / Σ_samples (n−1)), token-weighted (MDLM's convention);
         ``gen_ppl_per_sample_mean``: mean over samples of exp(mean_t ℓ_t);
         ``nll_per_sample``: mean_t ℓ_t of each scored sample, in input order (skipped ones left out);
+        ``tokens_per_sample``: n−1 of each scored sample, in the same order;
         ``tokens``: Σ (n−1), the number of scored tokens;
         ``skipped``: the number of texts with no scored token (n ≤ 1: empty text and no BOS, or empty text);
         ``skipped_index``: their positions in ``texts``.
@@ -141,6 +142,7 @@ def generative_perplexity(
         "gen_ppl": math.exp(total_nll / total_tokens),
         "gen_ppl_per_sample_mean": sum(math.exp(nll) for nll in per_sample) / len(per_sample),
         "nll_per_sample": per_sample,
+        "tokens_per_sample": [scores[i][1] for i in kept],
         "tokens": total_tokens,
         "skipped": len(skipped),
         "skipped_index": skipped,
@@ -349,7 +351,8 @@ def summarize_samples(
     ``diversity_per_sample_mean``, ``distinct_2`` … ``distinct_4`` (:func:`ngram_diversity`, ns = 2, 3, 4;
     NaN when no sample has 4 tokens), ``python_validity`` and ``python_fully_valid``
     (:func:`python_validity_batch`), and with a ``scorer`` also ``gen_ppl``, ``gen_ppl_per_sample_mean``,
-    ``gen_ppl_tokens`` and ``gen_ppl_skipped`` (:func:`generative_perplexity`).
+    ``gen_ppl_tokens`` and ``gen_ppl_skipped`` (:func:`generative_perplexity`) and ``gen_ppl_low`` /
+    ``gen_ppl_high``, its 95% bootstrap interval (:func:`perplexity_interval`).
     """
     if len(texts) != len(token_ids):
         raise ValueError(f"{len(texts)} texts but {len(token_ids)} token id lists: one of each per sample")
@@ -371,4 +374,20 @@ def summarize_samples(
         summary["gen_ppl_per_sample_mean"] = ppl["gen_ppl_per_sample_mean"]
         summary["gen_ppl_tokens"] = ppl["tokens"]
         summary["gen_ppl_skipped"] = ppl["skipped"]
+        low, high = perplexity_interval(ppl["nll_per_sample"], ppl["tokens_per_sample"])
+        summary["gen_ppl_low"], summary["gen_ppl_high"] = low, high
     return summary
+
+
+def perplexity_interval(
+    nll_per_sample: Sequence[float], tokens_per_sample: Sequence[int], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """A 95% bootstrap interval of the token-weighted generative perplexity: samples are resampled with
+    replacement ``resamples`` times (seeded) and exp(Σ n_i·nll_i / Σ n_i) is recomputed each time; returns
+    its 2.5th and 97.5th percentiles. Samples, not tokens, are the independent units."""
+    nll = torch.tensor(nll_per_sample, dtype=torch.float64)
+    tokens = torch.tensor(tokens_per_sample, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, len(nll), (resamples, len(nll)), generator=generator)
+    ppl = ((nll[index] * tokens[index]).sum(1) / tokens[index].sum(1)).exp()
+    return float(ppl.quantile(0.025)), float(ppl.quantile(0.975))

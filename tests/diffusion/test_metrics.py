@@ -360,3 +360,14 @@ def test_summarize_samples_combines_the_metrics(scorers: dict[str, LoadedModel])
     assert math.isnan(short["diversity"]) and short["entropy"] == pytest.approx(math.log(2) / 2)
     with pytest.raises(ValueError, match="one of each"):
         summarize_samples(TEXTS, ids[:2])
+
+
+def test_perplexity_interval_is_a_bootstrap_of_whole_samples() -> None:
+    from interlayer.diffusion.metrics import perplexity_interval
+
+    assert perplexity_interval([2.0, 2.0, 2.0], [5, 7, 9]) == pytest.approx((math.exp(2.0), math.exp(2.0)))
+    low, high = perplexity_interval([1.0, 3.0], [10, 10], resamples=4000)
+    # resampling two samples: the weighted mean is 1, 2 or 3 with probabilities 1/4, 1/2, 1/4
+    assert low == pytest.approx(math.exp(1.0)) and high == pytest.approx(math.exp(3.0))
+    low, high = perplexity_interval([1.0] * 50 + [3.0] * 50, [10] * 100)
+    assert math.exp(1.75) < low < math.exp(1.9) and math.exp(2.1) < high < math.exp(2.25)  # ± 1.96 · 0.1
