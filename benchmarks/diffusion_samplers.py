@@ -46,12 +46,14 @@ GRID = [
 ABLATION = ("all", "first", "head")
 
 
-def _remaskers(root: Path, denoiser: Any, tokenizer: Any, steps: int) -> dict[str, dict[str, Any]]:
+def _remaskers(
+    root: Path, denoiser: Any, tokenizer: Any, steps: int, inits: tuple[str, ...] = ABLATION
+) -> dict[str, dict[str, Any]]:
     from interlayer.diffusion.remasker import RemaskerConfig
     from interlayer.diffusion.train import train_remasker
 
     out = {}
-    for init in ABLATION:
+    for init in inits:
         cfg = RemaskerConfig(init=init, layers=1, steps=steps, eval_every=steps, checkpoint_every=50)
         folder = root / f"remasker-{init}-{steps}"
         out[init] = train_remasker(denoiser, tokenizer, folder, "stdlib:code", cfg) | {"folder": str(folder)}
@@ -142,6 +144,9 @@ def main() -> None:
     parser.add_argument("--scorer", default=SCORER)
     parser.add_argument("--samplers", default="", help="comma-separated labels of GRID to run (default: all)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and PNG go")
+    parser.add_argument(
+        "--ablation", action=argparse.BooleanOptionalAction, default=True, help="remasker ablation"
+    )
     args = parser.parse_args()
 
     import torch
@@ -157,7 +162,8 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     denoiser, tokenizer = load_denoiser(args.denoiser, device=args.device)
     scorer = load_model(args.scorer, device=args.device)
-    trained = _remaskers(args.root, denoiser, tokenizer, args.remasker_steps)
+    inits = ABLATION if args.ablation else ("all",)
+    trained = _remaskers(args.root, denoiser, tokenizer, args.remasker_steps, inits)
     remaskers = {init: load_remasker(info["folder"], denoiser) for init, info in trained.items()}
     length = int(denoiser.network.config.max_position_embeddings)
     template, attention = build_templates(tokenizer, denoiser.mask_id, args.samples, length)
@@ -192,7 +198,7 @@ def main() -> None:
                 flush=True,
             )
     ablation = []
-    for init in ABLATION if not wanted or "gstar" in wanted else ():
+    for init in inits if args.ablation and (not wanted or "gstar" in wanted) else ():
         for n in [n for n in (16, 32) if n in steps]:
             config = SamplerConfig(sampler="gstar", steps=n)
             key = f"gstar-{init}-{n}-{args.samples}-r{args.remasker_steps}-{args.device}"
@@ -228,7 +234,7 @@ def main() -> None:
     }
     (args.results / "diffusion_samplers.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
-        "\n| sampler | steps | gen PPL | entropy | diversity | valid Python | NFE (+remasker) | s/sample | overhead |"
+        "\n| sampler | steps | gen PPL [95% interval] | entropy | diversity | valid Python | NFE (+remasker) | s/sample | overhead |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -236,7 +242,7 @@ def main() -> None:
             f"| {r['sampler']} | {r['steps']} | {r['gen_ppl']:.1f} [{r['gen_ppl_low']:.1f}, {r['gen_ppl_high']:.1f}] | {r['entropy']:.3f} | {r['diversity']:.3f} | "
             f"{r['python_validity']:.3f} | {r['nfe']:.1f} (+{r['remasker_nfe']:.1f}) | {r['seconds_per_sample']:.4f} | {r['overhead']:.1%} |"
         )
-    print("\n| remasker | steps | val P / R / F1 | gen PPL | entropy | valid |")
+    print("\n| remasker | steps | val P / R / F1 | gen PPL [95% interval] | entropy | valid |")
     print("|---|---|---|---|---|---|")
     for r in ablation:
         print(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, one call on a CUDA machine, under 8 minutes: the test suite with the SAE tests on the GPU,
 # then the GPU benchmarks (step time and memory of each architecture; TopK, BatchTopK and HierarchicalTopK
-# training against sparsify on the same activations). Prints everything; record the tables in BENCHMARKS.md.
+# training against sparsify on the same activations; four samplers' wall times on zoo:code-mdlm). Prints everything; record the tables in BENCHMARKS.md.
 #
 #   bash benchmarks/gpu_prepare.sh                   # here, once: fills .gpu/ (wheels + fp16 MiniLM)
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=540)    # on the GPU machine
@@ -43,4 +43,12 @@ echo "== step time and memory per architecture"
 timeout 90 $PY benchmarks/sae_step_cost.py --device "$DEVICE" --rounds 1 $QUICK || status=1
 echo "== training against sparsify"
 timeout 150 $PY benchmarks/gpu_bench.py --device "$DEVICE" $QUICK 2>&1 | grep -v -e "^Loading weights" -e "Triton not installed" || status=1
+if [ -d .gpu/zoo/code-mdlm ]; then
+  echo "== diffusion samplers on $DEVICE (a few cells of benchmarks/diffusion_samplers.py)"
+  cells=(--steps 16,32 --samples 256 --remasker-steps 100)
+  [ -n "$QUICK" ] && cells=(--steps 4 --samples 8 --remasker-steps 2)
+  timeout 120 $PY benchmarks/diffusion_samplers.py --device "$DEVICE" --denoiser .gpu/zoo/code-mdlm \
+    --scorer .gpu/zoo/code-lm --samplers mdlm,remdm-cap,star,gstar --no-ablation "${cells[@]}" \
+    --root /tmp/interlayer-diffruns --results /tmp/interlayer-diffresults 2>&1 | grep -e "^|" -e "gen PPL" || status=1
+fi
 exit $status
