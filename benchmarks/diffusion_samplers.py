@@ -23,6 +23,7 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import time
@@ -99,6 +100,19 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _at_entropy(rows: list[dict[str, Any]], sampler: str, entropy: float) -> float | None:
+    """The sampler's generative perplexity at ``entropy``, interpolated (log-linearly) between the two of its
+    cells (any step count) whose entropies bracket it; None outside its range."""
+    import math
+
+    points = sorted((r["entropy"], r["gen_ppl"]) for r in rows if r["sampler"] == sampler)
+    for (h0, p0), (h1, p1) in itertools.pairwise(points):
+        if h0 <= entropy <= h1 and h1 > h0:
+            w = (entropy - h0) / (h1 - h0)
+            return math.exp((1 - w) * math.log(p0) + w * math.log(p1))
+    return None
+
+
 def _verdict(rows: list[dict[str, Any]], steps: int, tolerance: float) -> dict[str, Any]:
     """G-Star vs MDLM and the best ReMDM (lowest gen. PPL among those within the entropy tolerance)."""
     at = {r["sampler"]: r for r in rows if r["steps"] == steps}
@@ -124,6 +138,11 @@ def _verdict(rows: list[dict[str, Any]], steps: int, tolerance: float) -> dict[s
         "entropy_matched": abs(mdlm["entropy"] - g["entropy"]) <= tolerance * g["entropy"] and bool(matched),
         "beats_both": g["gen_ppl"] < mdlm["gen_ppl"] and g["gen_ppl"] < best["gen_ppl"],
         "beats_both_beyond_intervals": g["gen_ppl_high"] < min(mdlm["gen_ppl_low"], best["gen_ppl_low"]),
+        "at_gstar_entropy": {
+            name: _at_entropy(rows, name, g["entropy"])
+            for name in sorted({r["sampler"] for r in rows})
+            if name in ("mdlm", "star", "star-conf") or name.startswith("remdm")
+        },
     }
 
 
