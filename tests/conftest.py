@@ -141,3 +141,18 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         tokenizer.save_pretrained(folder)
         folders[family] = folder
     return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_mdlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of a tiny ModernBERT masked diffusion LM built by the zoo's own code (the spec of
+    ``test_zoo.TINY`` on ``stdlib:code``, kind ``mdlm``: vocabulary 300 + [MASK] at id 300, 1 block, 32
+    positions, 30 steps)."""
+    from dataclasses import replace
+
+    from test_zoo import TINY
+
+    from interlayer import zoo
+
+    spec = replace(TINY, name="tiny-mdlm", kind="mdlm", corpus="stdlib:code", steps=30, context_len=32)
+    return zoo.build(spec, root=tmp_path_factory.mktemp("zoo"), progress=False)
