@@ -56,10 +56,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, t
     seen: dict[str, object] = {}
     validation_loss = zoo.validation_loss
 
-    def recording(model: torch.nn.Module, val_NT: torch.Tensor, *args: object) -> float:
+    def recording(model: torch.nn.Module, val_NT: torch.Tensor, *args: object, **kwargs: object) -> float:
         seen["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         seen["val_NT"] = val_NT.clone()
-        return validation_loss(model, val_NT, *args)  # type: ignore[arg-type]
+        return validation_loss(model, val_NT, *args, **kwargs)  # type: ignore[arg-type]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(zoo, "validation_loss", recording)
