@@ -49,6 +49,26 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         os.close(dir_fd)
 
 
+def swap_in(staging: Path, out: Path) -> None:
+    """Move every file and folder of ``staging`` into ``out`` (then remove ``staging``): an entry already in
+    ``out`` is renamed aside first and deleted only after its replacement is in place, so a crash leaves either
+    the previous result or the new one under each name, never a half-written one."""
+    import shutil
+
+    for item in sorted(staging.iterdir()):
+        final, old = out / item.name, out / f".{item.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        old.unlink(missing_ok=True)
+        if final.exists():
+            final.rename(old)
+        item.rename(final)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Atomically write ``data`` to ``path``."""
     _atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))

@@ -40,6 +40,22 @@ OutlierOpt = Annotated[
 ]
 
 
+def int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    """The whole numbers of a comma-separated option (None when the option was not given); anything else is
+    one error line naming the option."""
+    from interlayer.errors import UserError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values:
+        raise UserError(f"{option} takes comma-separated whole numbers, got {text!r}")
+    return values
+
+
 def emit(summary: dict[str, Any], as_json: bool) -> None:
     """With ``--json``, print ``summary`` as one line of JSON on stdout (the command's last line there)."""
     if as_json:

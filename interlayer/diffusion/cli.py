@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from interlayer.cli_common import DataOpt, DeviceOpt, DtypeOpt, JsonOpt, emit, print_table
+from interlayer.cli_common import DataOpt, DeviceOpt, DtypeOpt, JsonOpt, emit, int_list, print_table
 
 diffusion_app = typer.Typer(
     help="Masked diffusion LMs: MDLM training, samplers (MDLM, LLaDA, ReMDM, Star+, G-Star), the remasker, evaluation.",
@@ -284,18 +284,6 @@ def train_remasker_cmd(
     emit(summary, as_json)
 
 
-def _int_list(text: str, option: str) -> list[int]:
-    from interlayer.errors import UserError
-
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise UserError(f"{option} takes comma-separated whole numbers, got {text!r}")
-    return values
-
-
 @diffusion_app.command("eval")
 def eval_cmd(
     denoiser: DenoiserOpt = "zoo:code-mdlm",
@@ -337,7 +325,7 @@ def eval_cmd(
     from interlayer.errors import UserError
     from interlayer.models import load_model
 
-    step_counts = _int_list(steps, "--steps")
+    step_counts = list(int_list(steps, "--steps") or ())
     if not any(name.strip() for name in samplers.split(",")):
         raise UserError(f"--samplers takes comma-separated sampler names, got {samplers!r}")
     configs = [

@@ -45,21 +45,6 @@ def _batch(train_NL: torch.Tensor, batch_size: int, generator: torch.Generator) 
     return train_NL[torch.randperm(len(train_NL), generator=generator)[:batch_size]]
 
 
-def _replace_files(staging: Path, out: Path) -> None:
-    """Move everything in ``staging`` into ``out``, each previous file or folder removed only after."""
-    for item in sorted(staging.iterdir()):
-        final, old = out / item.name, out / f".{item.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        item.rename(final)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
 @dataclass(frozen=True)
 class DenoiserTrainConfig:
     """``interlayer diffusion train``: a masked diffusion LM trained with the MDLM objective."""
@@ -222,7 +207,7 @@ def train_denoiser(
     summary = _summary(loop, ran, {"model": str(out / "model"), "train_contexts": len(train_NL)})
     atomic.write_json(staging / "history.json", loop.history)
     atomic.write_json(staging / "summary.json", summary)
-    _replace_files(staging, out)
+    atomic.swap_in(staging, out)
     return summary
 
 
@@ -310,7 +295,7 @@ def train_remasker(
     save_remasker(remasker, denoiser, staging, cfg, {"context_len": length, "data": data})
     atomic.write_json(staging / "history.json", loop.history)
     atomic.write_json(staging / "summary.json", summary)
-    _replace_files(staging, out)
+    atomic.swap_in(staging, out)
     return summary
 
 

@@ -25,6 +25,7 @@ from interlayer.cli_common import (
     ModelBatchOpt,
     OutlierOpt,
     emit,
+    int_list,
     print_table,
 )
 from interlayer.errors import UserError
@@ -91,18 +92,6 @@ def architecture_config(architecture: str, latents: int, options: dict[str, Any]
     if "k" in config_fields(architecture) and "k" not in given:
         raise UserError(f"--k is required for a {architecture} SAE")
     return make_config(architecture, d_in=1, latents=latents, **given)
-
-
-def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        values = ()
-    if not values:
-        raise UserError(f"{option} takes comma-separated whole numbers, got {text!r}")
-    return values
 
 
 @sae_app.command("train")
@@ -182,8 +171,7 @@ def sae_train(
     template = architecture_config(
         architecture,
         latents,
-        {name: given[name] for name in ARCHITECTURE_OPTIONS}
-        | {"prefixes": _int_list(prefixes, "--prefixes")},
+        {name: given[name] for name in ARCHITECTURE_OPTIONS} | {"prefixes": int_list(prefixes, "--prefixes")},
     )
     train_cfg = TrainConfig(**{f.name: given[f.name] for f in fields(TrainConfig)})
     group = process_group(device)  # several processes under torchrun: each trains a block of sites
@@ -302,7 +290,7 @@ def sae_eval(
         if len(saes) != 1:
             raise UserError(f"--site names the site of one SAE, but {sae} holds {len(saes)}")
         saes = {site: next(iter(saes.values()))}
-    budgets: list[int | None] = list(_int_list(k_eval, "--k-eval") or ()) or [None]
+    budgets: list[int | None] = list(int_list(k_eval, "--k-eval") or ()) or [None]
     for k in budgets:
         for loaded in saes.values():
             loaded.check_k(k)

@@ -258,15 +258,7 @@ def _save_result(policy: Policy, out: Path, tokenizer: Any) -> str:
     staging = out / ".result.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     written = policy.save_result(staging, tokenizer)
-    for item in sorted(staging.iterdir()):
-        final = out / item.name
-        old = out / f".{item.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        item.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(staging, ignore_errors=True)
+    atomic.swap_in(staging, out)
     return written.name
 
 
