@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, one call on a CUDA machine, under 8 minutes: the test suite with the SAE tests on the GPU,
 # then the GPU benchmarks (step time and memory of each architecture; TopK, BatchTopK and HierarchicalTopK
-# training against sparsify on the same activations; four samplers' wall times on zoo:code-mdlm). Prints everything; record the tables in BENCHMARKS.md.
+# training against sparsify on the same activations; LIMe's step-time overhead over Llama at 16 layers; four
+# samplers' wall times on zoo:code-mdlm). Prints everything; record the tables in BENCHMARKS.md.
 #
 #   bash benchmarks/gpu_prepare.sh                   # here, once: fills .gpu/ (wheels + fp16 MiniLM)
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=540)    # on the GPU machine
@@ -43,6 +44,10 @@ echo "== step time and memory per architecture"
 timeout 90 $PY benchmarks/sae_step_cost.py --device "$DEVICE" --rounds 1 $QUICK || status=1
 echo "== training against sparsify"
 timeout 150 $PY benchmarks/gpu_bench.py --device "$DEVICE" $QUICK 2>&1 | grep -v -e "^Loading weights" -e "Triton not installed" || status=1
+echo "== LIMe vs Llama training step on $DEVICE (16 layers)"
+lime=(--layers 16 --d-model 512 --heads 8 --context-len 512 --batch-size 16 --dtype bfloat16)
+[ -n "$QUICK" ] && lime=(--layers 4 --d-model 64 --heads 2 --context-len 32 --batch-size 4 --steps 3)
+timeout 60 $PY benchmarks/lime_step_time.py --device "$DEVICE" "${lime[@]}" || status=1
 if [ -d .gpu/zoo/code-mdlm ]; then
   echo "== diffusion samplers on $DEVICE (a few cells of benchmarks/diffusion_samplers.py)"
   cells=(--steps 16,32 --samples 256 --remasker-steps 100)

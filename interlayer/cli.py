@@ -34,6 +34,7 @@ from interlayer.cli_common import (
 from interlayer.diffusion.cli import diffusion_app
 from interlayer.errors import UserError
 from interlayer.flow.cli import flow_app
+from interlayer.lime.cli import lime_app
 from interlayer.progress import progress_bar
 from interlayer.sae.cli import sae_app
 from interlayer.steering.cli import steer_app
@@ -49,6 +50,7 @@ app.add_typer(zoo_app, name="zoo")
 app.add_typer(flow_app, name="flow")
 app.add_typer(steer_app, name="steer")
 app.add_typer(diffusion_app, name="diffusion")
+app.add_typer(lime_app, name="lime")
 
 
 @app.command()
@@ -146,7 +148,7 @@ def demo(
         str,
         typer.Option(
             "--stages",
-            help="Stages, comma-separated: sae, budgets, flow, steering (opt-in: RL on zoo:arith-lm), diffusion (opt-in: zoo:code-mdlm samplers).",
+            help="Stages, comma-separated: sae, budgets, flow, steering (opt-in: RL on zoo:arith-lm), diffusion (opt-in: zoo:code-mdlm samplers), lime (opt-in: LIMe vs Llama trained here).",
         ),
     ] = "sae,budgets,flow",
     as_json: JsonOpt = False,

@@ -381,6 +381,16 @@ def pack_contexts(tokenizer: Any, documents: Iterable[Document], context_len: in
         )
 
 
+def packed_contexts(tokenizer: Any, data: str, split: str, context_len: int, limit: int = 0) -> torch.Tensor:
+    """int64 [N, context_len]: every packed context of a split of ``data`` (:func:`pack_contexts`), or at most
+    ``limit`` of them evenly spaced when ``limit`` > 0 (for training from scratch: the whole split in memory)."""
+    rows = list(pack_contexts(tokenizer, iter_documents(data, split), context_len))
+    packed = torch.stack(rows)
+    if limit and len(packed) > limit:
+        packed = packed[torch.linspace(0, len(packed) - 1, limit).round().long()]
+    return packed
+
+
 def token_batches(
     tokenizer: Any, documents: Iterable[Document], context_len: int, batch_size: int, drop_last: bool = False
 ) -> Iterator[TokenBatch]:

@@ -14,8 +14,9 @@ first use (a causal LM, saved like a hub model).
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
@@ -41,6 +42,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _MASKED_SUFFIXES = ("ForMaskedLM",)
 HEADS = ("causal_lm", "masked_lm", "encoder")
+ARCHITECTURE_PACKAGES = ("interlayer.lime",)
+"""Capability packages that define transformers architectures of their own (LIMe): importing one registers its
+config and models with the Auto classes and its checkpoint check in :data:`CHECKPOINT_CHECKS`. :func:`load_model`
+imports them first (a lazy upward import, as the zoo's), so ``--model`` opens their folders like any other."""
+CHECKPOINT_CHECKS: dict[str, Callable[[Path, str], object]] = {}
+"""model_type -> a check of a local folder (raises :class:`UserError`) run before its weights load."""
 
 
 @dataclass
@@ -134,11 +141,35 @@ def pick_device(device: str) -> torch.device:
         raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
 
 
+def _check_local_checkpoint(source: str, name: str) -> None:
+    """Import the architecture packages (registering their Auto classes), then run the check of a local folder's
+    model_type, read from config.json as JSON before transformers parses it (so a bad field of our own
+    architectures ends in one line, not in a transformers traceback)."""
+    import json
+
+    for package in ARCHITECTURE_PACKAGES:
+        try:
+            importlib.import_module(package)
+        except ImportError:  # a transformers too old for that architecture: every other model still loads
+            continue
+    config_file = Path(source) / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type", "")
+    except (ValueError, AttributeError):
+        raise UserError(f"{name}: config.json is not a JSON object") from None
+    check = CHECKPOINT_CHECKS.get(str(model_type))
+    if check is not None:
+        check(Path(source), name)
+
+
 def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load ``name`` (``minilm``, ``zoo:NAME``, a local folder or a Hugging Face id) on ``device`` in ``dtype``."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     source, local_only = resolve_model_source(name)
+    _check_local_checkpoint(source, name)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)

@@ -410,8 +410,8 @@ def _lr_at(spec: ZooSpec, step: int) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def _next_token_loss(
-    model: LlamaForCausalLM, input_ids_BT: torch.Tensor, reduction: str = "mean"
+def next_token_loss(
+    model: PreTrainedModel, input_ids_BT: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
     """Cross-entropy of x_t given x_<t over positions t ≥ 1 (nats)."""
     logits_BTV = model(input_ids=input_ids_BT).logits
@@ -445,7 +445,7 @@ def _loss(
 ) -> torch.Tensor:
     """The next-token loss of a causal LM, the MDLM loss (masks and times from ``masks``) of a masked LM."""
     if isinstance(model, LlamaForCausalLM):
-        return _next_token_loss(model, input_ids_BT, reduction)
+        return next_token_loss(model, input_ids_BT, reduction)
     return _mdlm_loss(model, input_ids_BT, masks, reduction)
 
 

@@ -7,7 +7,9 @@ special-token handling are exercised with a real tokenizer while the models stay
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,3 +158,14 @@ def tiny_mdlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     spec = replace(TINY, name="tiny-mdlm", kind="mdlm", corpus="stdlib:code", steps=30, context_len=32)
     return zoo.build(spec, root=tmp_path_factory.mktemp("zoo"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 documents: consecutive slices of textwrap.py (real Python, as the tiny zoo tokenizers were trained on)."""
+    lines = inspect.getsource(textwrap).splitlines(keepends=True)
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(40):
+        chunk = lines[i * len(lines) // 40 : (i + 1) * len(lines) // 40]
+        (folder / f"doc{i:02d}.txt").write_text("".join(chunk))
+    return folder

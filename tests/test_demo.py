@@ -323,11 +323,51 @@ def test_diffusion_stage_shows_samplers_and_the_remaskers_flags(
     assert "<script" not in html
 
 
+def test_lime_stage_trains_both_models_and_reports_their_analyses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The opt-in LIMe stage on a tiny code-lm tokenizer built through the real zoo path: the losses it reports
+    are the validation losses of the saved models, recomputed here, and the report has its plots."""
+    from dataclasses import replace
+
+    from test_zoo import TINY
+    from transformers import AutoModelForCausalLM
+
+    from interlayer import zoo
+    from interlayer.data import packed_contexts
+    from interlayer.zoo import next_token_loss
+
+    monkeypatch.setenv("INTERLAYER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(zoo.REGISTRY, "code-lm", replace(TINY, name="code-lm", corpus="stdlib:code"))
+    cfg = DemoConfig(
+        out=tmp_path / "demo", tokens=8192, latents=256, k=8, batch_size=512, eval_tokens=600,
+        stages=("lime",), lime_steps=5,
+    )  # fmt: skip
+    summary = run_demo(cfg)
+    run = tmp_path / "demo" / "lime" / "train-5"
+    tokenizer = load_model("zoo:code-lm").tokenizer
+    val = packed_contexts(tokenizer, "stdlib:code", "validation", 64, 64)
+    for name in ("lime", "llama"):
+        model = AutoModelForCausalLM.from_pretrained(run / name / "model").eval()
+        with torch.no_grad():
+            total = sum(float(next_token_loss(model, val[i : i + 32], "sum")) for i in range(0, len(val), 32))
+        assert summary["lime"]["val_loss"][name] == pytest.approx(total / (len(val) * 63), rel=1e-6)
+    assert len(summary["lime"]["value_entropy"]["LIMe"]) == 4 and summary["lime"]["expected_layer"][0] == 0
+    html = (tmp_path / "demo" / "report.html").read_text()
+    for title in (
+        "LIMe vs Llama: final validation loss",
+        "LIMe: value entropy per layer",
+        "LIMe: which layers",
+    ):
+        assert title in html
+    assert "<script" not in html
+
+
 def test_unknown_demo_stage_is_refused(tmp_path: Path) -> None:
     from interlayer.errors import UserError
 
     with pytest.raises(
-        UserError, match="unknown demo stage steer; stages: sae, budgets, flow, steering, diffusion"
+        UserError, match="unknown demo stage steer; stages: sae, budgets, flow, steering, diffusion, lime"
     ):
         DemoConfig.preset(True, tmp_path, ("sae", "steer"))
     with pytest.raises(UserError, match="the demo stages flow need the sae stage"):

@@ -343,6 +343,23 @@ def _diffusion_use(
     return {}, check
 
 
+def _lime_use(_patch: pytest.MonkeyPatch, _tmp: Path, _tiny: dict[str, Path]) -> tuple[dict[str, Any], Check]:
+    """docs/lime.md builds, saves, reloads and converts LIMe models: the reloaded model computes the same logits,
+    the converted one Llama's, and the router shares are the |W| sums per source layer."""
+
+    def check(ns: dict[str, Any]) -> None:
+        model, ids = ns["model"], ns["ids"]
+        assert type(ns["loaded"]).__name__ == "LimeForCausalLM"
+        assert torch.equal(ns["loaded"](ids).logits, ns["logits"]) and ns["tokens"].shape == (2, 12)
+        assert torch.allclose(ns["as_lime"](ids).logits, ns["llama"](ids).logits, atol=1e-6, rtol=0)
+        weight = model.model.layers[3].self_attn.router.weight.detach().abs()
+        per_layer = weight.view(2, 4, 2).sum(dim=(0, 2))
+        assert torch.allclose(ns["shares"][3], per_layer / per_layer.sum())
+        assert torch.equal(ns["shares"][0], torch.tensor([1.0, 0, 0, 0]))
+
+    return {}, check
+
+
 SETUPS: dict[str, Setup] = {
     "docs/flow.md": _flow_use,
     "docs/sae-formats.md": _formats_use,
@@ -352,6 +369,7 @@ SETUPS: dict[str, Setup] = {
     "docs/zoo.md": _zoo_use,
     "docs/steering.md": _steering_use,
     "docs/diffusion.md": _diffusion_use,
+    "docs/lime.md": _lime_use,
 }
 """Setup per file (each of these files has one Python snippet; :func:`test_every_snippet_has_a_setup`)."""
 

@@ -355,10 +355,10 @@ def eval_cmd(
     size = _length(den, length)
     references: list[str] = []
     if mauve_features:
+        from interlayer.data import packed_contexts
         from interlayer.diffusion.templates import decode_samples
-        from interlayer.diffusion.train import contexts
 
-        held_out = contexts(tokenizer, data, "validation", size, num_samples)
+        held_out = packed_contexts(tokenizer, data, "validation", size, num_samples)
         references = decode_samples(tokenizer, held_out, torch.ones_like(held_out))[0]
     rows = evaluate_grid(
         den,

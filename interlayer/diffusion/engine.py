@@ -21,7 +21,6 @@ nucleus (the smallest set of most probable tokens whose mass reaches ``top_p``),
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,11 +30,7 @@ import numpy as np
 import torch
 
 from interlayer.diffusion.denoiser import Denoiser
-
-
-def row_seed(seed: int, index: int) -> int:
-    """The seed of sample ``index``'s generator: 63 bits of sha256("seed:index")."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
+from interlayer.training import row_seed
 
 
 class RowNoise:

@@ -1,7 +1,7 @@
 """``interlayer diffusion train`` (an MDLM denoiser) and ``train-remasker`` (G-Star's error predictor).
 
 Both read clean contexts of ``context_len`` tokens packed from ``--data`` (:func:`interlayer.data.pack_contexts`:
-[BOS] + body, documents joined by EOS), train through :mod:`interlayer.diffusion.training` (resumable,
+[BOS] + body, documents joined by EOS), train through :mod:`interlayer.training` (resumable,
 bit-identical after a kill at equal thread count and device) and write their result only at the end,
 into a temporary name swapped in, so a previous good result survives a crash.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from interlayer import atomic
-from interlayer.data import iter_documents, pack_contexts
+from interlayer.data import packed_contexts
 from interlayer.diffusion.denoiser import Denoiser, mask_token_id
 from interlayer.diffusion.remasker import (
     Remasker,
@@ -27,22 +27,8 @@ from interlayer.diffusion.remasker import (
     save_remasker,
 )
 from interlayer.diffusion.schedule import mdlm_loss
-from interlayer.diffusion.training import TrainingLoop, check_settings, run
 from interlayer.errors import UserError
-
-
-def contexts(tokenizer: Any, data: str, split: str, context_len: int, limit: int = 0) -> torch.Tensor:
-    """int64 [N, context_len]: the packed contexts of a split (at most ``limit``, evenly spaced, if > 0)."""
-    rows = list(pack_contexts(tokenizer, iter_documents(data, split), context_len))
-    packed = torch.stack(rows)
-    if limit and len(packed) > limit:
-        packed = packed[torch.linspace(0, len(packed) - 1, limit).round().long()]
-    return packed
-
-
-def _batch(train_NL: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """``batch_size`` contexts drawn without replacement (by the step's generator)."""
-    return train_NL[torch.randperm(len(train_NL), generator=generator)[:batch_size]]
+from interlayer.training import TrainingLoop, check_settings, draw_batch, run
 
 
 @dataclass(frozen=True)
@@ -159,8 +145,8 @@ def train_denoiser(
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         network = _new_masked_lm(tokenizer, cfg)
         mask_id = int(tokenizer.mask_token_id)
-    train_NL = contexts(tokenizer, data, "train", cfg.context_len)
-    val_NL = contexts(tokenizer, data, "validation", cfg.context_len, cfg.val_contexts)
+    train_NL = packed_contexts(tokenizer, data, "train", cfg.context_len)
+    val_NL = packed_contexts(tokenizer, data, "validation", cfg.context_len, cfg.val_contexts)
     if len(train_NL) < cfg.batch_size:
         raise UserError(
             f"{data}: {len(train_NL)} training contexts, fewer than --batch-size {cfg.batch_size}"
@@ -179,7 +165,7 @@ def train_denoiser(
         )
 
     def step_fn(step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        return nelbo(_batch(train_NL, cfg.batch_size, generator), generator), {}
+        return nelbo(draw_batch(train_NL, cfg.batch_size, generator), generator), {}
 
     @torch.no_grad()
     def evaluate(step: int) -> dict[str, float]:
@@ -245,8 +231,8 @@ def train_remasker(
         "version": 1,
     }
     check_settings(out, settings, may_change=("steps",))
-    train_NL = contexts(tokenizer, data, "train", length)
-    val_NL = contexts(tokenizer, data, "validation", length, cfg.val_contexts)
+    train_NL = packed_contexts(tokenizer, data, "train", length)
+    val_NL = packed_contexts(tokenizer, data, "validation", length, cfg.val_contexts)
     if len(train_NL) < cfg.batch_size:
         raise UserError(
             f"{data}: {len(train_NL)} training contexts, fewer than --batch-size {cfg.batch_size}"
@@ -255,7 +241,7 @@ def train_remasker(
     device = denoiser.device
 
     def step_fn(step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        x0_BL = _batch(train_NL, cfg.batch_size, generator).to(device)
+        x0_BL = draw_batch(train_NL, cfg.batch_size, generator).to(device)
         x_hat_BL, errors_BL, where_BL = error_labels(denoiser, x0_BL, generator, cfg.temperature, cfg.top_p)
         logits_BL = remasker(x_hat_BL)
         return remasker_loss(logits_BL, errors_BL, where_BL, cfg.loss), detection_scores(

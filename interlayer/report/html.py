@@ -129,6 +129,16 @@ def _mpl_text(text: str) -> str:
     return text.replace("$", r"\$")
 
 
+def _figure_svg(fig: Figure) -> str:
+    """The figure as an inline ``<svg>`` element: no XML prologue or DOCTYPE, no group ids (``figure_1``, ...)
+    so that several plots can share one page."""
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+    svg = buffer.getvalue()
+    svg = svg[svg.index("<svg") :]
+    return re.sub(r'<g id="[^"]*"', "<g", svg).strip()
+
+
 def line_plot_svg(
     series: Mapping[str, Sequence[tuple[float, float]]],
     xlabel: str,
@@ -160,13 +170,30 @@ def line_plot_svg(
         ax.grid(True, alpha=0.3)
         if lines:
             ax.legend(lines, names, frameon=False, fontsize="small")
-        buffer = io.StringIO()
-        fig.savefig(
-            buffer, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None}
-        )
-    svg = buffer.getvalue()
-    svg = svg[svg.index("<svg") :]
-    return re.sub(r'<g id="[^"]*"', "<g", svg).strip()
+        return _figure_svg(fig)
+
+
+def heatmap_svg(
+    values: Sequence[Sequence[float]],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    colorbar: str = "",
+) -> str:
+    """An inline ``<svg>`` heatmap of a matrix (row i drawn at y = i, column j at x = j, origin top left), with a
+    colour bar; drawn and cleaned like :func:`line_plot_svg`. NaN cells are left blank."""
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig = Figure(figsize=(6.0, 5.0), layout="constrained")
+        ax = fig.subplots()
+        image = ax.imshow(values, cmap="viridis", aspect="auto", interpolation="nearest")
+        ax.set_xlabel(_mpl_text(xlabel))
+        ax.set_ylabel(_mpl_text(ylabel))
+        if title:
+            ax.set_title(_mpl_text(title))
+        bar = fig.colorbar(image, ax=ax)
+        if colorbar:
+            bar.set_label(_mpl_text(colorbar))
+        return _figure_svg(fig)
 
 
 def _token_text(token: str) -> str:

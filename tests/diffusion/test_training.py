@@ -4,14 +4,12 @@ folder holding a run with other settings is refused."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,23 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from interlayer.data import packed_contexts
 from interlayer.diffusion import train as train_module
 from interlayer.diffusion.denoiser import Denoiser, load_denoiser
 from interlayer.diffusion.remasker import RemaskerConfig
 from interlayer.diffusion.schedule import mdlm_loss
-from interlayer.diffusion.train import DenoiserTrainConfig, contexts, train_denoiser, train_remasker
+from interlayer.diffusion.train import DenoiserTrainConfig, train_denoiser, train_remasker
 from interlayer.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 documents: consecutive slices of textwrap.py (real Python, as the tiny tokenizer was trained on)."""
-    lines = inspect.getsource(textwrap).splitlines(keepends=True)
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(40):
-        chunk = lines[i * len(lines) // 40 : (i + 1) * len(lines) // 40]
-        (folder / f"doc{i:02d}.txt").write_text("".join(chunk))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +119,7 @@ def test_mdlm_validation_nelbo_falls(tiny_mdlm: Path, corpus: Path, tmp_path: Pa
     # the saved model is the trained one: its NELBO on the same validation draws is the logged number
     denoiser, tokenizer = load_denoiser(summary["model"])
     assert denoiser.mask_id == 300 and denoiser.network.config.max_position_embeddings == 16
-    val_NL = contexts(tokenizer, str(corpus), "validation", 16, 16)
+    val_NL = packed_contexts(tokenizer, str(corpus), "validation", 16, 16)
     maskable_NL = torch.ones_like(val_NL, dtype=torch.bool)
     maskable_NL[:, 0] = False
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -1,4 +1,5 @@
-"""The resumable training loop shared by ``diffusion train`` (the MDLM denoiser) and ``train-remasker``.
+"""The resumable training loop shared by ``diffusion train`` (the MDLM denoiser), ``train-remasker`` and
+``lime train``.
 
 Step k's batch and every random draw of it come from a generator seeded by (seed, k) alone (and the
 global stream, which dropout reads, is seeded from (seed, k) for the step), so a run
@@ -6,13 +7,15 @@ killed at any point and rerun with the same command continues from its last chec
 same weights as an uninterrupted run (bit for bit on the same device with the same thread count).
 A checkpoint (every ``checkpoint_every`` steps and at the end) is the trainable parameters and AdamW's
 state in one safetensors file, committed by atomically replacing ``checkpoint/state.json``; the previous
-checkpoint is deleted only after that. A rerun of a folder holding a run with other settings is refused;
+checkpoint is deleted only after that. Parameters whose name contains a :class:`ParamGroup`'s text train with
+that group's learning rate and weight decay (LIMe's routers: lr 1e-2, no decay). A rerun of a folder holding a run with other settings is refused;
 ``steps`` may grow (the learning-rate schedule is a constant after warm-up, so growing it changes nothing
 already done).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,11 +26,33 @@ import torch
 from torch import nn
 
 from interlayer import atomic
-from interlayer.diffusion.engine import row_seed
 from interlayer.errors import UserError
 from interlayer.progress import progress_bar
 
 CHECKPOINT = "checkpoint"
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The seed of item ``index`` (a training step, a sample) of a run seeded ``seed``: 63 bits of
+    sha256("seed:index"), so that item k's randomness depends on (seed, k) alone."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+def draw_batch(contexts_NT: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """``batch_size`` contexts drawn without replacement (by the step's generator)."""
+    return contexts_NT[torch.randperm(len(contexts_NT), generator=generator)[:batch_size]]
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters whose name contains ``name_contains`` train with their own learning rate and weight decay."""
+
+    name_contains: str
+    """A substring of the parameter's name (``router``)."""
+    lr: float
+    """Peak learning rate of the group (warm-up scales it like the base rate)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay of the group."""
 
 
 @dataclass
@@ -42,6 +67,9 @@ class TrainingLoop:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    groups: tuple[ParamGroup, ...] = ()
+    """Parameters with their own learning rate (the first group whose text a name contains wins)."""
     checkpoint_every: int = 100
     evaluate: Callable[[int], dict[str, float]] | None = None
     """Called every ``eval_every`` steps and at the end; its numbers join the history."""
@@ -102,19 +130,38 @@ def _resume(out: Path, loop: TrainingLoop, optimizer: torch.optim.Optimizer) -> 
     return int(state["step"])
 
 
+def _param_groups(loop: TrainingLoop, params: dict[str, nn.Parameter]) -> list[dict[str, Any]]:
+    """AdamW's groups: each :class:`ParamGroup`, then the other matrices (decayed) and vectors (not)."""
+    special: list[list[nn.Parameter]] = [[] for _ in loop.groups]
+    matrices: list[nn.Parameter] = []
+    vectors: list[nn.Parameter] = []
+    for name, param in params.items():
+        index = next((i for i, g in enumerate(loop.groups) if g.name_contains in name), None)
+        if index is not None:
+            special[index].append(param)
+        else:
+            (matrices if param.ndim >= 2 else vectors).append(param)
+    groups = [
+        {"params": ps, "peak_lr": g.lr, "weight_decay": g.weight_decay}
+        for g, ps in zip(loop.groups, special, strict=True)
+    ]
+    groups += [
+        {"params": matrices, "peak_lr": loop.lr, "weight_decay": loop.weight_decay},
+        {"params": vectors, "peak_lr": loop.lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def run(loop: TrainingLoop, out: Path, description: str, progress: bool = True) -> int:
     """Train from the last checkpoint in ``out`` (if any) to ``loop.steps``; returns the steps taken now.
 
-    AdamW (β = (0.9, 0.999), decoupled weight decay on matrices only), the learning rate rising linearly
-    over ``warmup_steps`` then constant, gradient norm clipped at ``grad_clip``."""
+    AdamW (β = ``loop.betas``, decoupled weight decay on matrices only, :attr:`TrainingLoop.groups` apart),
+    every group's learning rate rising linearly over ``warmup_steps`` then constant, the gradient norm (over
+    all parameters) clipped at ``grad_clip``."""
     params = loop.trainable()
     if not params:
         raise ValueError("nothing to train: no parameter requires a gradient")
-    groups = [
-        {"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": loop.weight_decay},
-        {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=loop.lr)
+    optimizer = torch.optim.AdamW(_param_groups(loop, params), lr=loop.lr, betas=loop.betas)
     start = _resume(out, loop, optimizer)
     if start > loop.steps:
         raise UserError(
@@ -124,8 +171,9 @@ def run(loop: TrainingLoop, out: Path, description: str, progress: bool = True) 
     with progress_bar(description, loop.steps, visible=progress) as bar:
         bar.show(start)
         for step in range(start + 1, loop.steps + 1):
+            warm = min(1.0, step / loop.warmup_steps) if loop.warmup_steps else 1.0
             for group in optimizer.param_groups:
-                group["lr"] = loop.lr * min(1.0, step / loop.warmup_steps) if loop.warmup_steps else loop.lr
+                group["lr"] = group["peak_lr"] * warm
             generator = torch.Generator().manual_seed(row_seed(loop.seed, step))
             with torch.random.fork_rng(
                 devices=[]
