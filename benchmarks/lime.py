@@ -8,7 +8,8 @@
 3. Loss per FLOP: validation loss against training FLOPs for every run (figure).
 4. Step-time overhead at 16 layers (d = 128): LIMe and Llama training steps (forward, backward, AdamW) timed
    alternately in one process on random tokens, ``--timing-steps`` each after 5 warm-up steps; the ratio of
-   medians (``benchmarks/lime_step_time.py``, which also runs alone, on CUDA in ``gpu_check.sh``).
+   medians (``benchmarks/lime_step_time.py``, which also runs alone, on CUDA in ``gpu_check.sh``); again at
+   d = 512 (8 heads of 64, batch 4), where the mix's memory traffic weighs less against the blocks.
 5. Value entropy per layer (matrix Rényi, α = 0.5, features z-scored as the official analysis) of seed 0's
    models of (1) on 64 validation contexts (figure).
 
@@ -126,6 +127,8 @@ def main() -> None:
     source, _ = resolve_model_source("zoo:code-lm")
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     timing = step_times(replace(base, layers=16), len(tokenizer), args.timing_steps)
+    wide = replace(base, layers=16, d_model=512, heads=8, kv_heads=8, intermediate=1360, batch_size=4)
+    timing_wide = step_times(wide, len(tokenizer), max(5, args.timing_steps // 2))
 
     val_NT = packed_contexts(tokenizer, "stdlib:code", "validation", base.context_len, 64)
     entropy = {}
@@ -150,13 +153,18 @@ def main() -> None:
             for name, values in deep_runs.items()
         },
         "step_time_16_layers": timing,
+        "step_time_16_layers_d512": timing_wide,
         "value_entropy": entropy,
         "runs": [{k: v for k, v in r.items() if k != "history"} for r in runs],
     }
     (RESULTS / "lime.json").write_text(json.dumps(result, indent=2, default=str))
     print(
         json.dumps(
-            {k: result[k] for k in ("equal", "deep_narrow", "step_time_16_layers", "value_entropy")}, indent=2
+            {
+                k: result[k]
+                for k in ("equal", "deep_narrow", "step_time_16_layers", "step_time_16_layers_d512")
+            },
+            indent=2,
         )
     )
 

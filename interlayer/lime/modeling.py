@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
@@ -62,6 +63,7 @@ class LayerMemory:
         self.layers = layers
         self.kv_RBTC: list[torch.Tensor] = []
         self.buffer_NM: torch.Tensor | None = None
+        self.grad_NM: torch.Tensor | None = None
 
     def append(self, kv_RBTC: torch.Tensor) -> None:
         """Add one layer's K‖V [R, batch, tokens, 2·d_head]."""
@@ -77,30 +79,50 @@ class LayerMemory:
         assert self.buffer_NM is not None
         return self.buffer_NM[: len(self.kv_RBTC) * self.kv_RBTC[0].shape[0]]
 
+    def gradient_sums(self, like_RM: torch.Tensor) -> torch.Tensor:
+        """The buffer [L·R, batch·tokens·2·d_head] in which the backward pass sums the sources' gradients
+        (zeros, made at the first call)."""
+        if self.grad_NM is None:
+            assert self.buffer_NM is not None
+            self.grad_NM = like_RM.new_zeros(self.buffer_NM.shape)
+        return self.grad_NM
+
 
 class _Mix(torch.autograd.Function):
-    """out = W · S with S = [KV_0; …; KV_r] stacked by rows, S read from the memory buffer.
+    """out = W_r · S with S = [KV_0; …; KV_r] stacked by rows, S read from the memory buffer.
 
-    Backward: ∂L/∂W = ∂L/∂out · Sᵀ (S is the buffer view, never overwritten: later layers only write rows
-    below it) and ∂L/∂KV_m = (W_{:, m-block})ᵀ · ∂L/∂out, one product Wᵀ · ∂L/∂out split by layer."""
+    Backward: ∂L/∂W_r = ∂L/∂out · Sᵀ (S is the buffer view, never overwritten: later layers only write rows
+    below it). The gradients of the sources, ∂L/∂KV_m = Σ_{r ≥ m} (W_{r, m-block})ᵀ · ∂L/∂out_r, are summed in
+    place in one buffer G [L·R, M] of the memory: layer r adds W_rᵀ · ∂L/∂out_r into rows 0..(r+1)·R (one
+    product) and hands autograd only its own rows (at r = 1 also layer 0's, which has no router), complete by
+    then because every later layer's backward runs first (layer r's output feeds them all). The rows handed
+    over are zeroed, so a second backward through a retained graph starts from zero. This sums the O(L²)
+    per-pair gradients in place instead of materialising each one for autograd to add."""
 
     @staticmethod
-    def forward(
-        ctx: Any, weight_RN: torch.Tensor, sources_NM: torch.Tensor, *kv_RBTC: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(ctx: Any, weight_RN: torch.Tensor, memory: LayerMemory, *kv_RBTC: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight_RN)
-        # kept as an attribute, not saved: later layers write other rows of the same buffer, which would trip
-        # autograd's version check although these rows never change
-        ctx.sources_NM = sources_NM
+        # the memory is kept as an attribute, not saved: later layers write other rows of its buffer, which
+        # would trip autograd's version check although these rows never change
+        ctx.memory = memory
+        ctx.layer = len(kv_RBTC) - 1
         ctx.kv_shape = kv_RBTC[0].shape
-        return weight_RN @ sources_NM
+        return weight_RN @ memory.sources()[: weight_RN.shape[1]]
 
     @staticmethod
+    @once_differentiable  # the in-place sums are not themselves differentiable: double backward refuses
     def backward(ctx: Any, grad_RM: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (weight_RN,) = ctx.saved_tensors
-        grad_weight = grad_RM @ ctx.sources_NM.T if ctx.needs_input_grad[0] else None
-        grad_sources_NM = weight_RN.T @ grad_RM
-        grads = [g.view(ctx.kv_shape) for g in grad_sources_NM.split(weight_RN.shape[0])]
+        kv_heads, sources = weight_RN.shape
+        memory: LayerMemory = ctx.memory
+        grad_weight = grad_RM @ memory.sources()[:sources].T if ctx.needs_input_grad[0] else None
+        summed_NM = memory.gradient_sums(grad_RM)
+        summed_NM[:sources].addmm_(weight_RN.T, grad_RM)
+        grads: list[torch.Tensor | None] = [None] * (ctx.layer + 1)
+        for layer in (ctx.layer, 0) if ctx.layer == 1 else (ctx.layer,):
+            rows = summed_NM[layer * kv_heads : (layer + 1) * kv_heads]
+            grads[layer] = rows.clone().view(ctx.kv_shape)
+            rows.zero_()
         return (grad_weight, None, *grads)
 
 
@@ -148,7 +170,7 @@ class LimeRouter(nn.Module):
         """The mixed K‖V [R, batch, tokens, 2·d_head] of every layer so far (:class:`LayerMemory`)."""
         kv_shape = memory.kv_RBTC[0].shape
         weight = self.weight.to(memory.kv_RBTC[0].dtype)
-        mixed_RM = _Mix.apply(weight, memory.sources(), *memory.kv_RBTC)
+        mixed_RM = _Mix.apply(weight, memory, *memory.kv_RBTC)
         if self.dynamic is not None and self.dynamic_norm is not None:
             delta_BTRN = self.dynamic(self.dynamic_norm(hidden_BTD)).unflatten(
                 -1, (self.kv_heads, self.sources)
