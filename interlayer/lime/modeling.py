@@ -51,41 +51,43 @@ def kv_head_count(config: Any) -> int:
     return int(config.num_key_value_heads or config.num_attention_heads)
 
 
+class MixBuffers:
+    """The tensors outside autograd that one forward pass's mixes share: every layer's pre-RoPE K‖V as rows
+    m·R..(m+1)·R of ``sources_NM`` [L·R, batch·tokens·2·d_head] (written once per layer), and ``grads_NM`` of
+    the same shape, in which the backward pass sums the sources' gradients (made at its first use). Holds no
+    autograd tensor, so the graph nodes that keep it hold no reference cycle through the graph."""
+
+    def __init__(self, sources_NM: torch.Tensor) -> None:
+        self.sources_NM = sources_NM
+        self.grads_NM: torch.Tensor | None = None
+
+    def gradient_sums(self) -> torch.Tensor:
+        if self.grads_NM is None:
+            self.grads_NM = torch.zeros_like(self.sources_NM)
+        return self.grads_NM
+
+
 class LayerMemory:
     """The pre-RoPE K‖V of every layer run so far in one forward pass.
 
     Each layer's K‖V is kept twice: as the autograd tensor [R, batch, tokens, 2·d_head] (gradients flow back to
-    its projections through it) and as rows m·R..(m+1)·R of one buffer [L·R, batch·tokens·2·d_head] outside
-    autograd, written once per layer, so that a router's mix of every earlier layer is one matrix product over
-    a view of the buffer (:class:`_Mix`): no concatenation per layer, no O(L²) copies or saved tensors."""
+    its projections through it) and in :class:`MixBuffers` outside autograd, so that a router's mix of every
+    earlier layer is one matrix product over a view of the buffer (:class:`_Mix`): no concatenation per layer,
+    no O(L²) copies or saved tensors."""
 
     def __init__(self, layers: int) -> None:
         self.layers = layers
         self.kv_RBTC: list[torch.Tensor] = []
-        self.buffer_NM: torch.Tensor | None = None
-        self.grad_NM: torch.Tensor | None = None
+        self.buffers: MixBuffers | None = None
 
     def append(self, kv_RBTC: torch.Tensor) -> None:
         """Add one layer's K‖V [R, batch, tokens, 2·d_head]."""
         kv_heads = kv_RBTC.shape[0]
-        if self.buffer_NM is None:
-            self.buffer_NM = kv_RBTC.new_empty(self.layers * kv_heads, kv_RBTC[0].numel())
+        if self.buffers is None:
+            self.buffers = MixBuffers(kv_RBTC.new_empty(self.layers * kv_heads, kv_RBTC[0].numel()))
         rows = slice(len(self.kv_RBTC) * kv_heads, (len(self.kv_RBTC) + 1) * kv_heads)
-        self.buffer_NM[rows].view_as(kv_RBTC).copy_(kv_RBTC.detach())
+        self.buffers.sources_NM[rows].view_as(kv_RBTC).copy_(kv_RBTC.detach())
         self.kv_RBTC.append(kv_RBTC)
-
-    def sources(self) -> torch.Tensor:
-        """Every layer's K‖V so far as one [(r+1)·R, batch·tokens·2·d_head] view of the buffer (no autograd)."""
-        assert self.buffer_NM is not None
-        return self.buffer_NM[: len(self.kv_RBTC) * self.kv_RBTC[0].shape[0]]
-
-    def gradient_sums(self, like_RM: torch.Tensor) -> torch.Tensor:
-        """The buffer [L·R, batch·tokens·2·d_head] in which the backward pass sums the sources' gradients
-        (zeros, made at the first call)."""
-        if self.grad_NM is None:
-            assert self.buffer_NM is not None
-            self.grad_NM = like_RM.new_zeros(self.buffer_NM.shape)
-        return self.grad_NM
 
 
 class _Mix(torch.autograd.Function):
@@ -100,23 +102,25 @@ class _Mix(torch.autograd.Function):
     per-pair gradients in place instead of materialising each one for autograd to add."""
 
     @staticmethod
-    def forward(ctx: Any, weight_RN: torch.Tensor, memory: LayerMemory, *kv_RBTC: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, weight_RN: torch.Tensor, buffers: MixBuffers, *kv_RBTC: torch.Tensor
+    ) -> torch.Tensor:
         ctx.save_for_backward(weight_RN)
-        # the memory is kept as an attribute, not saved: later layers write other rows of its buffer, which
-        # would trip autograd's version check although these rows never change
-        ctx.memory = memory
+        # the buffers are kept as an attribute, not saved: later layers write other rows of them, which would
+        # trip autograd's version check although these rows never change
+        ctx.buffers = buffers
         ctx.layer = len(kv_RBTC) - 1
         ctx.kv_shape = kv_RBTC[0].shape
-        return weight_RN @ memory.sources()[: weight_RN.shape[1]]
+        return weight_RN @ buffers.sources_NM[: weight_RN.shape[1]]
 
     @staticmethod
     @once_differentiable  # the in-place sums are not themselves differentiable: double backward refuses
     def backward(ctx: Any, grad_RM: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (weight_RN,) = ctx.saved_tensors
         kv_heads, sources = weight_RN.shape
-        memory: LayerMemory = ctx.memory
-        grad_weight = grad_RM @ memory.sources()[:sources].T if ctx.needs_input_grad[0] else None
-        summed_NM = memory.gradient_sums(grad_RM)
+        buffers: MixBuffers = ctx.buffers
+        grad_weight = grad_RM @ buffers.sources_NM[:sources].T if ctx.needs_input_grad[0] else None
+        summed_NM = buffers.gradient_sums()
         summed_NM[:sources].addmm_(weight_RN.T, grad_RM)
         grads: list[torch.Tensor | None] = [None] * (ctx.layer + 1)
         for layer in (ctx.layer, 0) if ctx.layer == 1 else (ctx.layer,):
@@ -170,7 +174,7 @@ class LimeRouter(nn.Module):
         """The mixed K‖V [R, batch, tokens, 2·d_head] of every layer so far (:class:`LayerMemory`)."""
         kv_shape = memory.kv_RBTC[0].shape
         weight = self.weight.to(memory.kv_RBTC[0].dtype)
-        mixed_RM = _Mix.apply(weight, memory, *memory.kv_RBTC)
+        mixed_RM = _Mix.apply(weight, memory.buffers, *memory.kv_RBTC)
         if self.dynamic is not None and self.dynamic_norm is not None:
             delta_BTRN = self.dynamic(self.dynamic_norm(hidden_BTD)).unflatten(
                 -1, (self.kv_heads, self.sources)

@@ -313,3 +313,32 @@ def test_denseformer_starts_as_llama_and_averages_every_earlier_output(tmp_path:
     dense.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is DenseFormerForCausalLM and torch.equal(loaded(ids).logits, dense(ids).logits)
+
+
+@pytest.mark.parametrize("router", ["static", "dynamic"])
+def test_a_training_step_leaves_nothing_of_its_memory_behind(router: str) -> None:
+    """The mix's graph nodes keep only buffers outside autograd: once the loss is gone nothing of a step's
+    memory survives (a reference cycle through the graph leaked every step's buffers before: 24 GB in 300
+    steps of the benchmark)."""
+    import gc
+    import weakref
+
+    from interlayer.lime.modeling import LayerMemory, MixBuffers
+
+    model = _lime(router).train()
+    kept: list[weakref.ref] = []
+    append = LayerMemory.append
+
+    def spy(self: LayerMemory, kv: torch.Tensor) -> None:
+        append(self, kv)
+        kept.append(weakref.ref(self))
+        assert isinstance(self.buffers, MixBuffers)
+        kept.append(weakref.ref(self.buffers))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LayerMemory, "append", spy)
+        loss = model(_ids()).logits.square().mean()
+        loss.backward()
+    del loss
+    gc.collect()
+    assert kept and all(ref() is None for ref in kept)
