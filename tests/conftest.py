@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
+import signal
+import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,3 +173,17 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
         chunk = lines[i * len(lines) // 40 : (i + 1) * len(lines) // 40]
         (folder / f"doc{i:02d}.txt").write_text("".join(chunk))
     return folder
+
+
+def kill_after_checkpoint(process: subprocess.Popen, state: Path, step: int, timeout: float = 120) -> int:
+    """Wait until the run's checkpoint ``state.json`` holds ``step`` or later, ``kill -9`` the run, and return
+    the step its last checkpoint holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= step:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return int(json.loads(state.read_text())["step"])

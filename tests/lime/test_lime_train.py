@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_after_checkpoint
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig
 
@@ -169,15 +168,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_model(
     cfg = replace(SMALL, steps=40, eval_every=20, checkpoint_every=2)
     whole = train(tmp_path / "whole", cfg, ("lime",), str(corpus), str(tiny_mdlm), progress=False)
     state = tmp_path / "cut" / "lime" / "checkpoint" / "state.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["step"] >= 4:
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    killed_at = json.loads(state.read_text())["step"]
+    killed_at = kill_after_checkpoint(process, state, 4)
     assert 4 <= killed_at < 40 and not (tmp_path / "cut" / "lime" / "model").exists()
     resumed = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_after_checkpoint
 
 from interlayer.steering.vectors import SteeringVectors, VectorsMeta
 
@@ -111,14 +110,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_vectors(
     args = [sys.executable, "-c", _TRAIN_SCRIPT, model, str(tmp_path / "cut")]
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "cut" / "checkpoint" / "state.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["step"] >= 4:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(process, state, 4)
     assert not (tmp_path / "cut" / "summary.json").exists()
     subprocess.run(args, env=env, check=True)
     a = SteeringVectors.load(tmp_path / "whole" / "vectors")
