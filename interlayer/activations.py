@@ -117,6 +117,48 @@ def model_chunks(
     return mixed_chunks(read, start, plan.mix_chunks, seed)
 
 
+@dataclass
+class ModelBatch:
+    """One model forward's inputs and which of its positions' activations are kept."""
+
+    inputs: dict[str, torch.Tensor]
+    """Keyword arguments of the model (``input_ids`` and ``attention_mask``, or ``input_values`` and ``attention_mask``)."""
+    keep_BT: torch.Tensor
+    """True at the positions kept: non-special tokens, or a clip's valid encoder frames."""
+
+
+AUDIO_CLIPS = 4000
+"""Clips per split of a synthesised speech set (``synth:digits``, ``synth:styles``) read for activations."""
+
+
+def audio_batches(
+    lm: LoadedModel, data: str, split: str, seed: int | None, batch_size: int
+) -> Iterator[ModelBatch]:
+    """Batches of ``batch_size`` clips of the speech data ``data`` (see :mod:`interlayer.speech.datasets`;
+    :data:`AUDIO_CLIPS` clips of a synthesised set), in the order of a permutation drawn from ``seed`` (file
+    order for None), each clip normalised and padded by the model's feature extractor; the kept positions are
+    each clip's valid encoder frames (the convolutional feature encoder's output lengths)."""
+    from interlayer.audio import feature_batch, frame_lengths
+    from interlayer.speech.datasets import load_speech  # a capability above the core: imported when needed
+
+    speech = load_speech(data, split, AUDIO_CLIPS if data.startswith("synth:") else 0)
+    if not len(speech):
+        raise UserError(f"{data}: no {split} clips")
+    order = list(range(len(speech)))
+    if seed is not None:
+        order = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).tolist()
+    for first in range(0, len(order), batch_size):
+        waves = [speech.waves[i] for i in order[first : first + batch_size]]
+        input_values, attention_mask = feature_batch(lm.feature_extractor, waves)
+        lengths_B = frame_lengths(lm.model, attention_mask.sum(-1))
+        frames = int(frame_lengths(lm.model, torch.tensor(input_values.shape[1])))
+        keep_BT = torch.arange(frames)[None] < lengths_B[:, None]
+        inputs = {"input_values": input_values}
+        if getattr(lm.feature_extractor, "return_attention_mask", True):
+            inputs["attention_mask"] = attention_mask
+        yield ModelBatch(inputs, keep_BT)
+
+
 def source_chunks(
     lm: LoadedModel,
     sites: Sequence[Site],
@@ -128,11 +170,19 @@ def source_chunks(
     seed: int | None = 0,
 ) -> Iterator[Chunk]:
     """Source chunks ``start, start+1, …`` (unmixed; see the module docstring) of ``lm`` on the documents of
-    ``data`` in the order of ``seed`` (:func:`interlayer.data.iter_documents`); ``deal`` as in
+    ``data`` in the order of ``seed`` (:func:`interlayer.data.iter_documents`), or for a speech encoder on the
+    clips of :func:`audio_batches` (one clip per context, its valid frames kept); ``deal`` as in
     :func:`model_chunks`."""
-    docs = iter_documents(data, split=split, seed=seed)
-    # a short last batch counts too: a corpus smaller than one batch still yields its tokens
-    batches = token_batches(lm.tokenizer, docs, plan.context_len, plan.batch_size)
+    batches: Iterator[ModelBatch]
+    if lm.is_speech:
+        batches = audio_batches(lm, data, split, seed, plan.batch_size)
+    else:
+        docs = iter_documents(data, split=split, seed=seed)
+        # a short last batch counts too: a corpus smaller than one batch still yields its tokens
+        batches = (
+            ModelBatch({"input_ids": b.input_ids_BT, "attention_mask": b.attention_mask_BT}, b.keep_BT)
+            for b in token_batches(lm.tokenizer, docs, plan.context_len, plan.batch_size)
+        )
     batches = itertools.islice(batches, start * plan.batches_per_chunk, None)
     for index in itertools.count(start):
         group = list(itertools.islice(batches, plan.batches_per_chunk))
@@ -140,15 +190,12 @@ def source_chunks(
             return
         parts: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
         for batch in group[deal.rank :: deal.world]:
-            inputs = {
-                "input_ids": batch.input_ids_BT.to(lm.device),
-                "attention_mask": batch.attention_mask_BT.to(lm.device),
-            }
+            inputs = {key: value.to(lm.device) for key, value in batch.inputs.items()}
             acts = run_to_sites(lm.model, sites, **inputs)
             keep = batch.keep_BT.to(lm.device)
             for name, tensor in acts.items():
                 parts[name].append(tensor[keep].float())
-        rows_per_batch = [int(batch.keep_BT.sum()) for batch in group]  # every rank tokenised every batch
+        rows_per_batch = [int(batch.keep_BT.sum()) for batch in group]  # every rank read every batch
         acts_by_site = {
             site.name: _reassemble(parts[site.name], rows_per_batch, site.width, lm.device, deal)
             for site in sites

@@ -37,6 +37,7 @@ from interlayer.flow.cli import flow_app
 from interlayer.lime.cli import lime_app
 from interlayer.progress import progress_bar
 from interlayer.sae.cli import sae_app
+from interlayer.speech.cli import varan_app
 from interlayer.steering.cli import steer_app
 
 app = typer.Typer(
@@ -51,6 +52,7 @@ app.add_typer(flow_app, name="flow")
 app.add_typer(steer_app, name="steer")
 app.add_typer(diffusion_app, name="diffusion")
 app.add_typer(lime_app, name="lime")
+app.add_typer(varan_app, name="varan")
 
 
 @app.command()
@@ -128,10 +130,19 @@ def zoo_build(
         k: v for k, v in manifest.items() if k not in ("files", "spec", "name")
     }
     if not as_json:
-        figures = ("parameters", "steps", "val_loss", "val_ppl", "unigram_ppl", "bigram_ppl", "build_seconds")
+        figures = (
+            "parameters",
+            "steps",
+            "val_loss",
+            "val_ppl",
+            "unigram_ppl",
+            "bigram_ppl",
+            "heldout_contrastive_loss",
+            "build_seconds",
+        )
         print_table(
             f"zoo:{manifest['name']} in {folder}",
-            [{"name": manifest["name"]} | {k: summary[k] for k in figures}],
+            [{"name": manifest["name"]} | {k: summary[k] for k in figures if k in summary}],
         )
     emit(summary, as_json)
 
@@ -148,7 +159,7 @@ def demo(
         str,
         typer.Option(
             "--stages",
-            help="Stages, comma-separated: sae, budgets, flow, steering (opt-in: RL on zoo:arith-lm), diffusion (opt-in: zoo:code-mdlm samplers), lime (opt-in: LIMe vs Llama trained here).",
+            help="Stages, comma-separated: sae, budgets, flow, steering (opt-in: RL on zoo:arith-lm), diffusion (opt-in: zoo:code-mdlm samplers), lime (opt-in: LIMe vs Llama trained here), varan (opt-in: VARAN vs last layer on synthesised speech).",
         ),
     ] = "sae,budgets,flow",
     as_json: JsonOpt = False,

@@ -23,6 +23,11 @@ Stage "lime" (opt-in: ``--stages sae,budgets,flow,lime``): LIMe and the Llama ba
 from the same weights on the same ``stdlib:code`` batches with zoo:code-lm's tokenizer (built on first use), their
 loss curves, the value entropy per layer of both, and which earlier layers LIMe's routers read.
 
+Stage "varan" (opt-in: ``--stages sae,budgets,flow,varan``): zoo:speech-w2v2 (a small wav2vec2 pretrained here on
+synthesised speech, built on first use) fine-tuned with LoRA on ``synth:styles`` (four speaking styles spoken by
+eSpeak NG) with VARAN's per-layer heads and with the last layer alone, the same steps and batches: test accuracy
+of both and VARAN's posterior over layers.
+
 Stage "sae": capture every residual layer of MiniLM on ``stdlib:docs``, train a TopK SAE per layer from one
 forward pass per batch, evaluate on the validation split (pooled EV, L0, dead/dense latents, the pooled-output
 cosine with the SAE spliced in), sweep k at inference for an EV-vs-L0 plot, and show feature cards with each
@@ -107,6 +112,10 @@ class DemoConfig:
     """Samples per sampler scored in the diffusion stage (the first 3 are shown)."""
     lime_steps: int = 300
     """Training steps of each model of the LIMe stage (16 contexts of 64 tokens per step)."""
+    varan_steps: int = 150
+    """Fine-tuning steps of each run of the VARAN stage (16 clips per step)."""
+    speech_model: str = "zoo:speech-w2v2"
+    """The speech encoder of the VARAN stage."""
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.stages if name not in dict(STAGES)]
@@ -125,7 +134,7 @@ class DemoConfig:
         if quick:
             return cls(
                 out=out, tokens=49_152, latents=2048, k=16, batch_size=1024, eval_tokens=4_000, stages=stages,
-                steering_steps=10, remasker_steps=40, diffusion_samples=8, lime_steps=60,
+                steering_steps=10, remasker_steps=40, diffusion_samples=8, lime_steps=60, varan_steps=30,
             )  # fmt: skip
         return cls(
             out=out, tokens=196_608, latents=4096, k=32, batch_size=2048, eval_tokens=8_000, stages=stages
@@ -461,6 +470,46 @@ def lime_stage(ctx: DemoContext) -> list[Section]:
     return [first, *(Section("LIMe: " + s.title.lower(), s.body_html) for s in sections[1:])]
 
 
+def varan_stage(ctx: DemoContext) -> list[Section]:
+    """VARAN vs the last layer, LoRA on synth:styles: test accuracy and the posterior over layers."""
+    from interlayer.speech.report import posterior_section
+    from interlayer.speech.train import VaranTrainConfig
+    from interlayer.speech.workflows import train_run
+
+    cfg = ctx.cfg
+    sizes = {"train": 400, "validation": 100, "test": 200}
+    results = {}
+    for aggregation in ("varan", "last"):
+        tcfg = VaranTrainConfig(
+            aggregation=aggregation,
+            steps=cfg.varan_steps,
+            eval_every=max(1, cfg.varan_steps // 3),
+            checkpoint_every=max(1, cfg.varan_steps // 3),
+            seed=cfg.seed,
+        )
+        run = cfg.out / "varan" / f"{aggregation}-{cfg.varan_steps}"
+        results[aggregation] = train_run(run, cfg.speech_model, "synth:styles", tcfg, sizes, progress=True)
+    varan, last = results["varan"]["test"], results["last"]["test"]
+    ctx.summary["varan"] = {
+        "accuracy": {"varan": varan["accuracy"], "last": last["accuracy"]},
+        "mean_posterior": varan["mean_posterior"],
+    }
+    rows = [
+        {"aggregation": name, "test accuracy": r["test"]["accuracy"], "trainable": r["trainable_parameters"]}
+        for name, r in results.items()
+    ]
+    intro = (
+        f"<p>{escape(cfg.speech_model)} fine-tuned with LoRA (rank 16 on the feed-forward layers) for "
+        f"{cfg.varan_steps} steps of 16 clips to tell four speaking styles apart (synth:styles: words spoken by "
+        f"eSpeak NG, {sizes['test']} test clips, chance 0.25), with VARAN's heads on every layer and its "
+        "posterior over layers, or with one head on the last layer.</p>"
+    )
+    return [
+        Section("VARAN vs the last layer: speaking style", intro + metrics_table(rows)),
+        posterior_section({"VARAN": varan["mean_posterior"]}, "VARAN: posterior over layers"),
+    ]
+
+
 Stage = Callable[[DemoContext], list[Section]]
 STAGES: list[tuple[str, Stage]] = [
     ("sae", sae_stage),
@@ -469,6 +518,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("steering", steering_stage),
     ("diffusion", diffusion_stage),
     ("lime", lime_stage),
+    ("varan", varan_stage),
 ]
 
 

@@ -52,17 +52,45 @@ CHECKPOINT_CHECKS: dict[str, Callable[[Path, str], object]] = {}
 
 @dataclass
 class LoadedModel:
-    """A model ready for activation work, with its tokenizer and what kind of model it is."""
+    """A model ready for activation work, with its tokenizer (text) or feature extractor (speech) and what kind
+    of model it is."""
 
     name: str
     """The name the user typed (``minilm``, a hub id, a folder)."""
     model: PreTrainedModel
     """The transformers model, in eval mode, parameters frozen."""
-    tokenizer: PreTrainedTokenizerBase
-    """Its tokenizer."""
+    text_tokenizer: PreTrainedTokenizerBase | None
+    """Its tokenizer; None for a speech encoder."""
     head: str
     """``causal_lm`` (a next-token LM head: cross-entropy metrics apply), ``masked_lm`` (a masked-LM head over
     every position: a denoiser for :mod:`interlayer.diffusion`) or ``encoder`` (hidden states only)."""
+    audio_features: Any = None
+    """A speech encoder's feature extractor (``input_values`` from raw audio); None for a text model."""
+
+    @property
+    def is_speech(self) -> bool:
+        """True for a speech encoder (audio in, no tokenizer)."""
+        return self.audio_features is not None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer; a speech encoder has none (a :class:`UserError` says so)."""
+        if self.text_tokenizer is None:
+            raise UserError(
+                f"model {self.name!r} is a speech encoder ({type(self.model).__name__}): it takes audio, "
+                "not text; give --data synth:digits, synth:styles or a folder of audio with metadata.jsonl"
+            )
+        return self.text_tokenizer
+
+    @property
+    def feature_extractor(self) -> Any:
+        """The speech feature extractor; a text model has none (a :class:`UserError` says so)."""
+        if self.audio_features is None:
+            raise UserError(
+                f"model {self.name!r} is a text model ({type(self.model).__name__}), not a speech encoder; "
+                "give one whose input is audio (Wav2Vec2, HuBERT, WavLM, Data2VecAudio), e.g. zoo:speech-w2v2"
+            )
+        return self.audio_features
 
     @property
     def is_causal_lm(self) -> bool:
@@ -129,6 +157,25 @@ def head_kind(config: PretrainedConfig) -> str:
     return "encoder"
 
 
+def is_speech_config(config: PretrainedConfig) -> bool:
+    """True for a speech encoder's config: the wav2vec2 family (Wav2Vec2, HuBERT, WavLM, Data2VecAudio, ...),
+    whose models read raw audio through a convolutional feature encoder (``conv_dim``)."""
+    return hasattr(config, "conv_dim") and hasattr(config, "num_feat_extract_layers")
+
+
+def speech_feature_extractor(source: str, local_only: bool) -> Any:
+    """The folder's or hub model's feature extractor; a folder without ``preprocessor_config.json`` gets
+    transformers' wav2vec2 default (16 kHz, each clip normalised to zero mean and unit variance, attention mask)."""
+    from transformers import AutoFeatureExtractor, Wav2Vec2FeatureExtractor
+
+    try:
+        return AutoFeatureExtractor.from_pretrained(source, local_files_only=local_only)
+    except OSError:
+        if not Path(source).is_dir():
+            raise
+        return Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+
+
 def pick_device(device: str) -> torch.device:
     """``auto`` means CUDA when available, else CPU."""
     if device == "auto":
@@ -164,6 +211,33 @@ def _check_local_checkpoint(source: str, name: str) -> None:
         check(Path(source), name)
 
 
+def _encoder_from_pretraining(
+    source: str, config: PretrainedConfig, local_only: bool, dtype: torch.dtype
+) -> Any:
+    """The bare encoder of a speech checkpoint saved with its pretraining heads (``Wav2Vec2ForPreTraining``, as
+    ``zoo:speech-w2v2``): transformers' load report would list every head weight it leaves out, a table on each
+    load; those are expected, so only weights missing from the encoder are reported (one line)."""
+    import logging
+    import sys
+
+    loader = logging.getLogger("transformers.modeling_utils")
+    level = loader.level
+    loader.setLevel(logging.ERROR)
+    try:
+        model, info = AutoModel.from_pretrained(
+            source, config=config, local_files_only=local_only, dtype=dtype, output_loading_info=True
+        )
+    finally:
+        loader.setLevel(level)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        print(
+            f"warning: {source}: {len(missing)} encoder weights missing, newly initialised: {missing[:3]}",
+            file=sys.stderr,
+        )
+    return model
+
+
 def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load ``name`` (``minilm``, ``zoo:NAME``, a local folder or a Hugging Face id) on ``device`` in ``dtype``."""
     if dtype not in DTYPES:
@@ -172,7 +246,9 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
     _check_local_checkpoint(source, name)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        speech = is_speech_config(config)
+        tokenizer = None if speech else AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        features = speech_feature_extractor(source, local_only) if speech else None
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -180,10 +256,13 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
         ) from None
     head = head_kind(config)
     auto = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM}.get(head, AutoModel)
-    model = auto.from_pretrained(source, config=config, local_files_only=local_only, dtype=DTYPES[dtype])
+    if features is not None and any(a.endswith("ForPreTraining") for a in config.architectures or []):
+        model = _encoder_from_pretraining(source, config, local_only, DTYPES[dtype])
+    else:
+        model = auto.from_pretrained(source, config=config, local_files_only=local_only, dtype=DTYPES[dtype])
     model.to(pick_device(device))  # type: ignore[arg-type]
     model.eval().requires_grad_(False)
-    return LoadedModel(name=name, model=model, tokenizer=tokenizer, head=head)
+    return LoadedModel(name, model, tokenizer, head, features)
 
 
 @contextmanager

@@ -10,7 +10,8 @@ Site names (a contract users type):
   ``layers.*`` is every residual site, ``layers.*.mlp`` every MLP output, ``**`` every site.
 
 Resolution is structural, not a table per model family: the blocks are the ``nn.ModuleList`` whose length
-is ``config.num_hidden_layers``; inside a block the attention is the child whose name contains ``attn`` or
+is ``config.num_hidden_layers`` (the first with an attention child, when a speech encoder's convolution list
+has that length too); inside a block the attention is the child whose name contains ``attn`` or
 ``attention`` (not a norm or dropout) and the MLP the child named ``mlp``/``feed_forward``/``ffn``. A module
 site is always the tensor the block adds to the residual stream, so that in every pre-norm, parallel or
 sandwich block ``layers.N == layers.N-1 + layers.N.attn + layers.N.mlp`` (``layers.-1`` being ``embed``).
@@ -76,10 +77,19 @@ class Site:
 
 
 def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks; where several lists have that length (a
+    speech encoder's convolutional feature encoder may), the first whose blocks have an attention child."""
     n_layers = getattr(model.config, "num_hidden_layers", None)
-    for path, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers and len(module) > 0:
+    candidates = [
+        (path, module)
+        for path, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and len(module) > 0
+    ]
+    for path, module in candidates:
+        if _child_path(module[0], lambda n: any(w in n for w in _ATTN_WORDS)) is not None:
             return path, module
+    if candidates:
+        return candidates[0]
     raise UserError(
         f"could not find the transformer blocks of {type(model).__name__} (no ModuleList of {n_layers} layers)"
     )

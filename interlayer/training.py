@@ -53,6 +53,8 @@ class ParamGroup:
     """Peak learning rate of the group (warm-up scales it like the base rate)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay of the group."""
+    decay_vectors: bool = True
+    """False: the group's vectors and scalars (biases, norms) are not decayed, only its matrices."""
 
 
 @dataclass
@@ -133,17 +135,23 @@ def _resume(out: Path, loop: TrainingLoop, optimizer: torch.optim.Optimizer) -> 
 def _param_groups(loop: TrainingLoop, params: dict[str, nn.Parameter]) -> list[dict[str, Any]]:
     """AdamW's groups: each :class:`ParamGroup`, then the other matrices (decayed) and vectors (not)."""
     special: list[list[nn.Parameter]] = [[] for _ in loop.groups]
+    special_vectors: list[list[nn.Parameter]] = [[] for _ in loop.groups]
     matrices: list[nn.Parameter] = []
     vectors: list[nn.Parameter] = []
     for name, param in params.items():
         index = next((i for i, g in enumerate(loop.groups) if g.name_contains in name), None)
         if index is not None:
-            special[index].append(param)
+            vector = param.ndim < 2 and not loop.groups[index].decay_vectors
+            (special_vectors if vector else special)[index].append(param)
         else:
             (matrices if param.ndim >= 2 else vectors).append(param)
     groups = [
         {"params": ps, "peak_lr": g.lr, "weight_decay": g.weight_decay}
         for g, ps in zip(loop.groups, special, strict=True)
+    ]
+    groups += [
+        {"params": ps, "peak_lr": g.lr, "weight_decay": 0.0}
+        for g, ps in zip(loop.groups, special_vectors, strict=True)
     ]
     groups += [
         {"params": matrices, "peak_lr": loop.lr, "weight_decay": loop.weight_decay},

@@ -1,7 +1,8 @@
-"""The zoo: tiny reference language models trained here, on the embedded corpus, and cached.
+"""The zoo: tiny reference models trained here, on the embedded corpora, and cached.
 
 Nothing can be downloaded where interlayer runs, yet several capabilities need a causal LM that really
-learned something. Each zoo model is built from a :class:`ZooSpec` in :data:`REGISTRY`:
+learned something (or, for speech, an encoder pretrained on speech). Each zoo model is built from a
+:class:`ZooSpec` in :data:`REGISTRY`; the language models (kinds ``causal_lm`` and ``mdlm``) so:
 
 1. A byte-level BPE tokenizer is trained with the ``tokenizers`` library on the *train* split of
    ``stdlib:code`` and ``stdlib:docs`` (pre-tokenisation: every digit alone, then GPT-2's byte-level split;
@@ -32,6 +33,36 @@ learned something. Each zoo model is built from a :class:`ZooSpec` in :data:`REG
    temporary folder inside the zoo folder, ``manifest.json`` (spec, corpus fingerprints, versions, seed,
    metrics, build time, and the sha256 of every file) is written last, and the folder is renamed into place.
 
+A spec of kind ``wav2vec2`` (corpus ``synth:speech``) is a speech encoder, pretrained as wav2vec 2.0
+(arXiv 2006.11477) in the manner of transformers' ``run_wav2vec2_pretraining_no_trainer.py`` example:
+
+1. Its clips are the first ``digits_clips`` clips of the *train* split of ``synth:digits`` and the first
+   ``styles_clips`` of ``synth:styles`` (:func:`interlayer.speech.corpus.embedded_set`, seed 0); the last
+   ``heldout_clips`` of each set are held out for the loss figures, the rest are trained on. The validation and
+   test splits, on which the speech capabilities evaluate, are never read.
+2. Each batch of ``batch_size`` clips (of similar lengths, :func:`_length_batches`) goes through the saved
+   ``Wav2Vec2FeatureExtractor``: every clip normalised to zero mean and unit variance, (x − mean) / √(var + 10⁻⁷),
+   zero-padded to the batch's longest, with an attention mask. The seven-layer convolutional feature encoder
+   (kernels 10, 3, 3, 3, 3, 2, 2; strides 5, 2, 2, 2, 2, 2, 2) gives one frame per 320 samples (50 frames/s).
+3. Masks and negatives come from transformers' own samplers, run on a numpy generator seeded with ``seed``:
+   ``_compute_mask_indices`` starts ⌊mask_prob · frames / mask_length + u⌋ spans (u ~ U[0, 1) per batch, at
+   least 2) of ``mask_length`` frames within each clip's frames, and ``_sample_negative_indices`` draws
+   ``negatives`` distractors per masked frame among the other masked frames of the same clip.
+4. ``transformers.Wav2Vec2ForPreTraining`` gives L = L_m + 0.1 · L_d summed over the masked frames (L_m: the
+   contrastive cross-entropy of each masked frame's context vector against its quantised target and the
+   distractors, cosine similarity / 0.1; L_d: the codebook diversity penalty (GV − perplexity) / GV), and
+   the step minimises L / (number of masked frames), with the LMs' AdamW, learning-rate schedule and
+   gradient clipping (norm 1). The Gumbel-softmax temperature is max(2 · d^step, 0.5) with d chosen so that it
+   reaches 0.5 at 70% of ``steps`` (fairseq's 2 → 0.5 at about 70% of its 400k updates).
+5. The contrastive loss per masked frame of the held-out clips and their code perplexity
+   (:func:`heldout_figures`: eval mode, masks and negatives drawn afresh from ``seed``, so the same before and
+   after training) are recorded before training and after, next to chance, log(1 + negatives), and the mean
+   training contrastive loss of the first and last tenth of the steps.
+6. The model is saved as ``Wav2Vec2ForPreTraining`` (``AutoModel`` opens the folder as the bare
+   ``Wav2Vec2Model`` encoder), with ``preprocessor_config.json`` and no tokenizer. Its config
+   keeps transformers' fine-tuning SpecAugment default (``mask_time_prob`` 0.05), not the pretraining
+   ``mask_prob``, so that a downstream fine-tuning in train mode does not mask half of every clip.
+
 :func:`ensure` returns a model's folder after checking its manifest: a missing or unreadable manifest, a
 missing file, a file whose sha256 differs, a different spec or a changed corpus (for instance a new Python,
 whose stdlib is the corpus) means the entry is rebuilt, never used. ``load_model("zoo:NAME")`` goes through
@@ -54,10 +85,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -70,7 +102,11 @@ from transformers import (
     ModernBertForMaskedLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForPreTraining,
 )
+from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
 from interlayer import arithmetic
 from interlayer.atomic import read_json, write_json
@@ -81,10 +117,22 @@ from interlayer.progress import progress_bar, stderr_console
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 ARITH = "arith"
-CORPORA = ("stdlib:code", "stdlib:docs", ARITH)
+SPEECH = "synth:speech"
+CORPORA = ("stdlib:code", "stdlib:docs", ARITH, SPEECH)
 BOS, EOS = "<s>", "</s>"
 MASK = "[MASK]"
-KINDS = ("causal_lm", "mdlm")
+KINDS = ("causal_lm", "mdlm", "wav2vec2")
+WAV2VEC2 = "wav2vec2"
+POS_CONV_GROUPS = 8
+"""Groups of a ``wav2vec2`` model's convolutional position embedding (``d_model`` must be a multiple)."""
+CODEBOOKS = 2
+"""Codebooks (groups) of a ``wav2vec2`` quantiser; each code is ``d_model / 2 / CODEBOOKS`` wide."""
+DIVERSITY_WEIGHT = 0.1
+"""α of L = L_m + α · L_d (the paper's)."""
+GUMBEL_TEMPERATURES = (2.0, 0.5)
+"""The Gumbel-softmax temperature's start and floor (fairseq's and transformers' example's)."""
+GUMBEL_FLOOR_AT = 0.7
+"""The fraction of the steps at which the temperature reaches its floor."""
 
 
 @dataclass(frozen=True)
@@ -94,13 +142,14 @@ class ZooSpec:
     name: str
     """The name after ``zoo:`` (``code-lm``)."""
     corpus: str
-    """Training corpus: ``stdlib:code``, ``stdlib:docs`` or ``arith`` (generated word problems)."""
+    """Training corpus: ``stdlib:code``, ``stdlib:docs``, ``arith`` (generated word problems) or ``synth:speech``
+    (synthesised clips, for kind ``wav2vec2``)."""
     description: str
     """One line for ``interlayer zoo list``."""
     steps: int
     """Maximum optimiser steps (``arith`` may stop earlier, see ``stop_accuracy``)."""
     batch_size: int
-    """Contexts per optimiser step."""
+    """Contexts (clips, for kind ``wav2vec2``) per optimiser step."""
     vocab_size: int = 4096
     """BPE vocabulary size, the two special tokens included."""
     d_model: int = 192
@@ -118,9 +167,11 @@ class ZooSpec:
     warmup_steps: int = 50
     """Steps of linear warm-up from 0 to ``lr``."""
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay, applied to matrices only (not to norms)."""
+    """AdamW decoupled weight decay, applied to tensors of 2 or more dimensions (matrices, convolutions, the
+    wav2vec2 quantiser's codevectors), not to biases and norms."""
     seed: int = 0
-    """Seeds the initialisation, the batch order and the generated corpus."""
+    """Seeds the initialisation, the batch order and the generated arithmetic corpus (the synthesised speech
+    clips are always those of seed 0)."""
     max_documents: int = 0
     """Use only the first this many documents of each split and of each tokenizer corpus (0: all)."""
     val_contexts: int = 512
@@ -140,13 +191,37 @@ class ZooSpec:
     reference_minutes: float = 0.0
     """Measured build time on a 2-core CPU, shown before a build as the estimate."""
     kind: str = "causal_lm"
-    """``causal_lm`` (a Llama next-token LM) or ``mdlm`` (a masked diffusion LM on ModernBERT blocks)."""
+    """``causal_lm`` (a Llama next-token LM), ``mdlm`` (a masked diffusion LM on ModernBERT blocks) or
+    ``wav2vec2`` (a speech encoder pretrained as wav2vec 2.0 on ``synth:speech``)."""
+    digits_clips: int = 0
+    """``wav2vec2`` only: the first this many train-split clips of ``synth:digits`` are read."""
+    styles_clips: int = 0
+    """``wav2vec2`` only: the first this many train-split clips of ``synth:styles`` are read."""
+    heldout_clips: int = 0
+    """``wav2vec2`` only: the last this many clips read of each set are held out (loss figures), not trained on."""
+    conv_dim: int = 0
+    """``wav2vec2`` only: channels of each of the seven layers of the convolutional feature encoder."""
+    pos_conv: int = 0
+    """``wav2vec2`` only: kernel width (frames) of the convolutional position embedding."""
+    codevectors: int = 0
+    """``wav2vec2`` only: entries of each of the :data:`CODEBOOKS` codebooks of the quantiser."""
+    mask_prob: float = 0.0
+    """``wav2vec2`` only: span starts per frame times ``mask_length`` (transformers' ``mask_time_prob``); an
+    upper bound on the masked fraction, as spans overlap."""
+    mask_length: int = 0
+    """``wav2vec2`` only: frames per masked span."""
+    negatives: int = 0
+    """``wav2vec2`` only: distractors per masked frame, drawn from the same clip's masked frames."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.corpus not in CORPORA:
             raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {self.corpus!r}")
+        if (self.kind == WAV2VEC2) != (self.corpus == SPEECH):
+            raise ValueError(f"kind {WAV2VEC2} goes with corpus {SPEECH}, and only it")
+        if self.kind == WAV2VEC2:
+            self._check_wav2vec2()
         for name in ("steps", "batch_size", "d_model", "layers", "heads", "intermediate", "val_contexts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -162,6 +237,19 @@ class ZooSpec:
             raise ValueError("lr must be positive, warmup_steps and weight_decay non-negative")
         if self.corpus == ARITH and min(self.arith_train_problems, self.arith_val_problems) < 1:
             raise ValueError("an arith spec needs arith_train_problems and arith_val_problems of at least 1")
+
+    def _check_wav2vec2(self) -> None:
+        for name in ("heldout_clips", "conv_dim", "pos_conv", "codevectors", "mask_length", "negatives"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if min(self.digits_clips, self.styles_clips) <= self.heldout_clips:
+            raise ValueError("digits_clips and styles_clips must exceed heldout_clips")
+        if self.d_model % (2 * CODEBOOKS) or self.d_model % POS_CONV_GROUPS:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be a multiple of {2 * CODEBOOKS} and of {POS_CONV_GROUPS}"
+            )
+        if not 0 < self.mask_prob <= 1:
+            raise ValueError(f"mask_prob must be in (0, 1], got {self.mask_prob}")
 
 
 REGISTRY: dict[str, ZooSpec] = {
@@ -207,6 +295,30 @@ REGISTRY: dict[str, ZooSpec] = {
             context_len=64,
             warmup_steps=100,
             reference_minutes=12.0,
+        ),
+        ZooSpec(
+            name="speech-w2v2",
+            corpus=SPEECH,
+            description="wav2vec2 speech encoder pretrained on the synth:digits and synth:styles train clips",
+            kind=WAV2VEC2,
+            steps=1800,
+            batch_size=16,
+            d_model=128,
+            heads=4,
+            intermediate=256,
+            lr=1e-3,
+            warmup_steps=100,
+            weight_decay=0.01,
+            digits_clips=2000,
+            styles_clips=2000,
+            heldout_clips=100,
+            conv_dim=64,
+            pos_conv=32,
+            codevectors=32,
+            mask_prob=0.5,
+            mask_length=5,
+            negatives=20,
+            reference_minutes=9.0,
         ),
     )
 }
@@ -297,8 +409,49 @@ def mdlm_config(spec: ZooSpec, bos_id: int = 0, eos_id: int = 1) -> ModernBertCo
     )
 
 
+def wav2vec2_config(spec: ZooSpec) -> Wav2Vec2Config:
+    """The transformers config of a ``wav2vec2`` spec: pre-norm blocks and layer-normed convolutions (the
+    variant transformers' pretraining example requires), no LayerDrop, codes of width ``d_model / 2``."""
+    return Wav2Vec2Config(
+        hidden_size=spec.d_model,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        intermediate_size=spec.intermediate,
+        conv_dim=(spec.conv_dim,) * 7,
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+        conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=spec.pos_conv,
+        num_conv_pos_embedding_groups=POS_CONV_GROUPS,
+        num_codevector_groups=CODEBOOKS,
+        num_codevectors_per_group=spec.codevectors,
+        codevector_dim=spec.d_model // 2,
+        proj_codevector_dim=spec.d_model // 2,
+        mask_time_length=spec.mask_length,
+        num_negatives=spec.negatives,
+        diversity_loss_weight=DIVERSITY_WEIGHT,
+        layerdrop=0.0,
+    )
+
+
+def feature_extractor() -> Wav2Vec2FeatureExtractor:
+    """The ``wav2vec2`` entries' preprocessing: 16 kHz mono, each clip normalised, zero padding, a mask."""
+    from interlayer.speech.synthesis import SAMPLE_RATE
+
+    return Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=SAMPLE_RATE,
+        padding_value=0.0,
+        do_normalize=True,
+        return_attention_mask=True,
+    )
+
+
 def new_model(spec: ZooSpec, bos_id: int = 0, eos_id: int = 1) -> PreTrainedModel:
     """A freshly initialised model of the spec's kind (from the global torch seed)."""
+    if spec.kind == WAV2VEC2:
+        return Wav2Vec2ForPreTraining(wav2vec2_config(spec))
     if spec.kind == "mdlm":
         return ModernBertForMaskedLM(mdlm_config(spec, bos_id, eos_id))
     return LlamaForCausalLM(llama_config(spec, bos_id, eos_id))
@@ -479,8 +632,14 @@ def corpus_fingerprint_of(spec: ZooSpec) -> str:
     """Fingerprint of everything a build reads: the tokenizer's corpora and the training corpus.
 
     ``stdlib:*`` corpora use :func:`interlayer.data.corpus_fingerprint` (Python version, file names and
-    sizes); the arithmetic corpus hashes the text of the first 1000 training problems (the generator's code).
+    sizes); the arithmetic corpus hashes the text of the first 1000 training problems (the generator's code);
+    ``synth:speech`` hashes the speech corpus's version (:data:`interlayer.speech.corpus.VERSION`), as
+    synthesising a clip to hash would need eSpeak NG wherever the zoo is listed.
     """
+    if spec.corpus == SPEECH:
+        from interlayer.speech.corpus import VERSION
+
+        return hashlib.sha256(f"synth-speech-v{VERSION}".encode()).hexdigest()[:16]
     parts = [corpus_fingerprint("stdlib:code"), corpus_fingerprint("stdlib:docs")]
     if spec.corpus == ARITH:
         problems = arithmetic.generate_problems(1000, spec.seed, "train")
@@ -569,6 +728,146 @@ def _train(
     return {"steps": step, "train_tokens": step * spec.batch_size * spec.context_len, "probes": probes}
 
 
+@contextlib.contextmanager
+def _numpy_random(rng: np.random.RandomState) -> Iterator[None]:
+    """Run the block with numpy's global generator in ``rng``'s state (transformers' mask and negative
+    samplers draw from the global one), then hand the advanced state back to ``rng`` and restore the global."""
+    saved = np.random.get_state()
+    np.random.set_state(rng.get_state())
+    try:
+        yield
+    finally:
+        rng.set_state(np.random.get_state())
+        np.random.set_state(saved)
+
+
+def speech_clips(spec: ZooSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The training clips and the held-out clips of a ``wav2vec2`` spec (float32 at 16 kHz): of each set's first
+    ``digits_clips`` / ``styles_clips`` train-split clips, the last ``heldout_clips`` are held out."""
+    from interlayer.speech.corpus import embedded_set
+
+    train: list[np.ndarray] = []
+    heldout: list[np.ndarray] = []
+    for name, size in (("digits", spec.digits_clips), ("styles", spec.styles_clips)):
+        waves = embedded_set(name, "train", size).waves
+        train += waves[: size - spec.heldout_clips]
+        heldout += waves[size - spec.heldout_clips :]
+    return train, heldout
+
+
+def speech_batch(
+    spec: ZooSpec,
+    model: Wav2Vec2ForPreTraining,
+    extractor: Wav2Vec2FeatureExtractor,
+    waves: list[np.ndarray],
+    rng: np.random.RandomState,
+) -> dict[str, torch.Tensor]:
+    """The pretraining inputs of ``waves``: normalised, zero-padded samples and their attention mask, the
+    masked frames and the negatives' flat (clip · frames + frame) indices, masks and negatives drawn from
+    ``rng`` (steps 2 and 3 of the module doc)."""
+    batch = extractor(waves, sampling_rate=extractor.sampling_rate, padding=True, return_tensors="pt")
+    frames = int(model._get_feat_extract_output_lengths(batch["input_values"].shape[1]))
+    frames_BT = model._get_feature_vector_attention_mask(frames, batch["attention_mask"])
+    with _numpy_random(rng):
+        masked_BT = _compute_mask_indices(
+            (len(waves), frames), spec.mask_prob, spec.mask_length, attention_mask=frames_BT, min_masks=2
+        )
+        negatives_BTK = _sample_negative_indices((len(waves), frames), spec.negatives, masked_BT)
+    return {
+        "input_values": batch["input_values"],
+        "attention_mask": batch["attention_mask"],
+        "mask_time_indices": torch.from_numpy(masked_BT),
+        "sampled_negative_indices": torch.from_numpy(negatives_BTK).long(),
+    }
+
+
+def _length_batches(spec: ZooSpec, waves: list[np.ndarray]) -> Iterator[list[int]]:
+    """Indices of each step's clips: the clips sorted by length (ties by index) cut into batches of
+    ``batch_size`` consecutive ones (a shorter last batch dropped), visited in a seeded random order renewed
+    per epoch; similar lengths pad little, and negatives come from within a clip, so fixed batches lose nothing."""
+    by_length = sorted(range(len(waves)), key=lambda i: (len(waves[i]), i))
+    batches = [
+        by_length[lo : lo + spec.batch_size]
+        for lo in range(0, len(waves) - spec.batch_size + 1, spec.batch_size)
+    ]
+    generator = torch.Generator().manual_seed(spec.seed)
+    while True:
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[b]
+
+
+def gumbel_temperature(spec: ZooSpec, step: int) -> float:
+    """max(2 · d^step, 0.5) with d = 0.25^(1 / (0.7 · steps)): 2 at step 0, 0.5 from 70% of the steps on."""
+    start, floor = GUMBEL_TEMPERATURES
+    decay = (floor / start) ** (1 / (GUMBEL_FLOOR_AT * spec.steps))
+    return max(start * decay**step, floor)
+
+
+@torch.no_grad()
+def heldout_figures(
+    spec: ZooSpec, model: Wav2Vec2ForPreTraining, extractor: Wav2Vec2FeatureExtractor, waves: list[np.ndarray]
+) -> dict[str, float]:
+    """The pretraining objective on ``waves`` in eval mode (argmax codes), in batches of ``batch_size`` clips in
+    order, masks and negatives from a generator seeded with ``seed`` (the same draws on every call).
+
+    ``contrastive_loss``: Σ L_m / number of masked frames. A distractor whose code equals the target's is left
+    out of L_m (transformers masks it), so a codebook that collapsed lowers the loss too: hence
+    ``code_perplexity``, the mean over batches of Σ over codebooks of exp(entropy of the masked frames' code
+    histogram) (at most ``CODEBOOKS · codevectors``; ``CODEBOOKS`` when every frame gets the same codes)."""
+    was_training = model.training
+    model.eval()
+    rng = np.random.RandomState(spec.seed)
+    total, masked, perplexities = 0.0, 0, []
+    for lo in range(0, len(waves), spec.batch_size):
+        batch = speech_batch(spec, model, extractor, waves[lo : lo + spec.batch_size], rng)
+        output = model(**batch)
+        total += float(output.contrastive_loss)
+        masked += int(batch["mask_time_indices"].sum())
+        perplexities.append(float(output.codevector_perplexity))
+    model.train(was_training)
+    return {"contrastive_loss": total / masked, "code_perplexity": sum(perplexities) / len(perplexities)}
+
+
+def _train_wav2vec2(
+    spec: ZooSpec,
+    model: Wav2Vec2ForPreTraining,
+    extractor: Wav2Vec2FeatureExtractor,
+    waves: list[np.ndarray],
+    on_step: Callable[[int, str], None],
+) -> dict[str, Any]:
+    """The pretraining loop of the module doc; returns the steps and the mean training contrastive loss per
+    masked frame over the first and the last tenth of them."""
+    if len(waves) < spec.batch_size:
+        raise UserError(
+            f"zoo:{spec.name}: {len(waves)} training clips, fewer than batch_size {spec.batch_size}"
+        )
+    optimizer = _optimizer(spec, model)
+    masks = np.random.RandomState(spec.seed)
+    contrastive: list[float] = []
+    model.train()
+    for step, index_B in zip(range(1, spec.steps + 1), _length_batches(spec, waves), strict=False):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(spec, step - 1)
+        model.set_gumbel_temperature(gumbel_temperature(spec, step - 1))  # type: ignore[arg-type]
+        batch = speech_batch(spec, model, extractor, [waves[i] for i in index_B], masks)
+        output = model(**batch)
+        masked = int(batch["mask_time_indices"].sum())
+        optimizer.zero_grad(set_to_none=True)
+        (output.loss / masked).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        contrastive.append(float(output.contrastive_loss.detach()) / masked)
+        perplexity = float(output.codevector_perplexity.detach())
+        on_step(step, f"contrastive {contrastive[-1]:.3f} code perplexity {perplexity:.0f}")
+    model.eval()
+    tenth = max(1, spec.steps // 10)
+    return {
+        "steps": spec.steps,
+        "train_contrastive_first_tenth": sum(contrastive[:tenth]) / tenth,
+        "train_contrastive_last_tenth": sum(contrastive[-tenth:]) / tenth,
+    }
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -587,14 +886,31 @@ def _hash_files(folder: Path) -> dict[str, str]:
     }
 
 
+_ADDED_LATER = (
+    "kind",
+    "digits_clips",
+    "styles_clips",
+    "heldout_clips",
+    "conv_dim",
+    "pos_conv",
+    "codevectors",
+    "mask_prob",
+    "mask_length",
+    "negatives",
+)
+"""Spec fields added after entries were first built."""
+
+
 def _built_by(spec_fields: dict[str, Any]) -> dict[str, Any]:
     """The fields of a spec that determine the built files (all but the description and the time estimate);
-    ``kind`` only when it is not the default, so that entries built before the field existed stay valid."""
-    ignored = ("description", "reference_minutes")
-    fields = {k: v for k, v in spec_fields.items() if k not in ignored}
-    if fields.get("kind") == "causal_lm":
-        del fields["kind"]
-    return fields
+    those of :data:`_ADDED_LATER` only when they differ from their default, so that entries built before the
+    fields existed stay valid."""
+    defaults = {f.name: f.default for f in fields(ZooSpec)}
+    return {
+        k: v
+        for k, v in spec_fields.items()
+        if k not in ("description", "reference_minutes") and not (k in _ADDED_LATER and v == defaults[k])
+    }
 
 
 def check_entry(folder: Path, spec: ZooSpec) -> str | None:
@@ -617,8 +933,9 @@ def check_entry(folder: Path, spec: ZooSpec) -> str | None:
             return f"{name} is missing"
         if sha256_file(path) != digest:
             return f"{name} is corrupt (sha256 differs from the manifest)"
-    if not {"config.json", "model.safetensors", "tokenizer.json"} <= files.keys():
-        return "the manifest lists no model, config or tokenizer"
+    preprocessing = "preprocessor_config.json" if spec.kind == WAV2VEC2 else "tokenizer.json"
+    if not {"config.json", "model.safetensors", preprocessing} <= files.keys():
+        return f"the manifest lists no model, config or {preprocessing}"
     if fingerprint != corpus_fingerprint_of(spec):
         return "its corpus changed (a different Python or stdlib)"
     return None
@@ -703,6 +1020,9 @@ def build(
 
 def _build_into(folder: Path, spec: ZooSpec, show: Callable[[int, str], None]) -> None:
     """Train, evaluate and save the spec's model into ``folder``, manifest last."""
+    if spec.kind == WAV2VEC2:
+        _build_wav2vec2_into(folder, spec, show)
+        return
     started = time.perf_counter()
     show(0, "training tokenizer")
     tokenizer = train_tokenizer(spec)
@@ -723,23 +1043,66 @@ def _build_into(folder: Path, spec: ZooSpec, show: Callable[[int, str], None]) -
         metrics["arith_test"] = asdict(arithmetic.evaluate_accuracy(model, tokenizer, test))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    figures = {
+        "train_contexts": len(corpus.train_NT),
+        "val_contexts": len(corpus.val_NT),
+        "val_tokens": corpus.val_NT[:, 1:].numel(),
+        **trained,
+        **metrics,
+    }
+    _write_manifest(folder, spec, corpus.fingerprint, model, figures, started)
+
+
+def _build_wav2vec2_into(folder: Path, spec: ZooSpec, show: Callable[[int, str], None]) -> None:
+    """Pretrain, evaluate and save a ``wav2vec2`` spec's encoder and feature extractor into ``folder``."""
+    started = time.perf_counter()
+    show(0, "reading the speech clips")
+    train, heldout = speech_clips(spec)
+    extractor = feature_extractor()
+    torch.manual_seed(spec.seed)
+    model = Wav2Vec2ForPreTraining(wav2vec2_config(spec))
+    show(0, "scoring the held-out clips")
+    start = heldout_figures(spec, model, extractor, heldout)
+    trained = _train_wav2vec2(spec, model, extractor, train, show)
+    show(spec.steps, "evaluating")
+    end = heldout_figures(spec, model, extractor, heldout)
+    figures = {
+        "train_clips": len(train),
+        "train_audio_seconds": sum(len(w) for w in train) / extractor.sampling_rate,
+        "heldout_clips": len(heldout),
+        **trained,
+        **{f"heldout_{k}_start": v for k, v in start.items()},
+        **{f"heldout_{k}": v for k, v in end.items()},
+        "chance_contrastive_loss": math.log(1 + spec.negatives),
+    }
+    model.save_pretrained(folder)
+    extractor.save_pretrained(folder)
+    _write_manifest(folder, spec, corpus_fingerprint_of(spec), model, figures, started)
+
+
+def _write_manifest(
+    folder: Path,
+    spec: ZooSpec,
+    fingerprint: str,
+    model: PreTrainedModel,
+    figures: dict[str, Any],
+    started: float,
+) -> None:
+    """Write ``folder/manifest.json``, the last file of a build: spec, corpus fingerprint, versions, seed,
+    parameters, the build's figures, seconds since ``started``, and the sha256 of every other file."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": spec.name,
         "spec": asdict(spec),
         "corpus": spec.corpus,
-        "corpus_fingerprint": corpus.fingerprint,
+        "corpus_fingerprint": fingerprint,
         "python": sys.version,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "seed": spec.seed,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "train_contexts": len(corpus.train_NT),
-        "val_contexts": len(corpus.val_NT),
-        "val_tokens": corpus.val_NT[:, 1:].numel(),
-        **trained,
-        **metrics,
+        **figures,
         "build_seconds": time.perf_counter() - started,
         "files": _hash_files(folder),
     }
@@ -783,7 +1146,8 @@ def entries(root: Path | None = None) -> list[dict[str, Any]]:
         }
         if built:
             manifest = read_manifest(folder)
-            row |= {k: manifest[k] for k in ("val_ppl", "unigram_ppl", "bigram_ppl", "build_seconds")}
+            shown = ("val_ppl", "unigram_ppl", "bigram_ppl", "heldout_contrastive_loss", "build_seconds")
+            row |= {k: manifest[k] for k in shown if k in manifest}
             if "arith_test" in manifest:
                 row["arith_accuracy"] = manifest["arith_test"]["correct"] / manifest["arith_test"]["total"]
         rows.append(row)

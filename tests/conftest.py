@@ -187,3 +187,37 @@ def kill_after_checkpoint(process: subprocess.Popen, state: Path, step: int, tim
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     return int(json.loads(state.read_text())["step"])
+
+
+def tiny_speech_config(layers: int = 3) -> T.Wav2Vec2Config:
+    """A tiny Wav2Vec2 config: pre-LN layers of width 32; three convolutions, strides 5·8·8 = 320 as wav2vec2's
+    (50 frames per second at 16 kHz); no SpecAugment."""
+    return T.Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32, 32, 32),
+        conv_kernel=(10, 8, 4),
+        conv_stride=(5, 8, 8),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        mask_time_prob=0.0,
+    )
+
+
+def save_tiny_speech(folder: Path) -> Path:
+    """A random Wav2Vec2 encoder of :func:`tiny_speech_config` (3 layers, seed 0) with a feature extractor
+    (normalise, attention mask), saved in ``folder``."""
+    torch.manual_seed(0)
+    T.Wav2Vec2Model(tiny_speech_config()).save_pretrained(folder)
+    T.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`save_tiny_speech` in a session folder."""
+    return save_tiny_speech(tmp_path_factory.mktemp("tiny_speech"))

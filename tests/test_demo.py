@@ -363,11 +363,30 @@ def test_lime_stage_trains_both_models_and_reports_their_analyses(
     assert "<script" not in html
 
 
+def test_varan_stage_reports_the_accuracies_of_its_saved_runs(tiny_speech: Path, tmp_path: Path) -> None:
+    """The opt-in VARAN stage on the tiny speech encoder: the accuracies it reports are those of the saved runs
+    evaluated again, and the report has its table and posterior plot."""
+    from interlayer.speech.workflows import evaluate_run
+
+    cfg = DemoConfig(
+        out=tmp_path / "demo", tokens=8192, latents=256, k=8, batch_size=512, eval_tokens=600,
+        stages=("varan",), varan_steps=3, speech_model=str(tiny_speech),
+    )  # fmt: skip
+    summary = run_demo(cfg)
+    for name in ("varan", "last"):
+        evaluated = evaluate_run(tmp_path / "demo" / "varan" / f"{name}-3", "synth:styles", size=200)
+        assert summary["varan"]["accuracy"][name] == evaluated["accuracy"]
+    assert len(summary["varan"]["mean_posterior"]) == 3
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "VARAN vs the last layer: speaking style" in html and "VARAN: posterior over layers" in html
+
+
 def test_unknown_demo_stage_is_refused(tmp_path: Path) -> None:
     from interlayer.errors import UserError
 
     with pytest.raises(
-        UserError, match="unknown demo stage steer; stages: sae, budgets, flow, steering, diffusion, lime"
+        UserError,
+        match="unknown demo stage steer; stages: sae, budgets, flow, steering, diffusion, lime, varan",
     ):
         DemoConfig.preset(True, tmp_path, ("sae", "steer"))
     with pytest.raises(UserError, match="the demo stages flow need the sae stage"):

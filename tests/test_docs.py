@@ -360,6 +360,26 @@ def _lime_use(_patch: pytest.MonkeyPatch, _tmp: Path, _tiny: dict[str, Path]) ->
     return {}, check
 
 
+def _varan_use(patch: pytest.MonkeyPatch, tmp: Path, _tiny: dict[str, Path]) -> tuple[dict[str, Any], Check]:
+    """docs/varan.md puts VARAN heads on zoo:speech-w2v2 (here the tiny random speech encoder of the fixtures):
+    q sums to 1 per clip, the scores are the q-weighted log-probabilities, and only adapters, heads and
+    posterior train."""
+    from conftest import save_tiny_speech
+
+    folder = save_tiny_speech(tmp / "speech")
+    patch.setattr(zoo, "ensure", lambda name, *a, **k: folder if name == "zoo:speech-w2v2" else None)
+
+    def check(ns: dict[str, Any]) -> None:
+        q, output, scores = ns["q"], ns["output"], ns["scores"]
+        assert q.shape == (8, 3) and torch.allclose(q.sum(-1), torch.ones(8))
+        by_hand = sum(q[:, i, None] * output.logits[:, i].log_softmax(-1) for i in range(3))
+        assert torch.allclose(scores, by_hand, atol=1e-6) and scores.shape == (8, 4)
+        trainable = [n for n, p in ns["model"].named_parameters() if p.requires_grad]
+        assert trainable and all(".lora_" in n or n.startswith(("heads.", "posterior.")) for n in trainable)
+
+    return {}, check
+
+
 SETUPS: dict[str, Setup] = {
     "docs/flow.md": _flow_use,
     "docs/sae-formats.md": _formats_use,
@@ -370,6 +390,7 @@ SETUPS: dict[str, Setup] = {
     "docs/steering.md": _steering_use,
     "docs/diffusion.md": _diffusion_use,
     "docs/lime.md": _lime_use,
+    "docs/varan.md": _varan_use,
 }
 """Setup per file (each of these files has one Python snippet; :func:`test_every_snippet_has_a_setup`)."""
 

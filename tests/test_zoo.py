@@ -174,6 +174,17 @@ def test_stale_spec_is_rebuilt(built: Path) -> None:
     assert zoo.check_entry(built, replace(TINY, description="other", reference_minutes=3.0)) is None
 
 
+def test_entries_built_before_the_speech_fields_stay_valid(built: Path, tmp_path: Path) -> None:
+    shutil.copytree(built, tmp_path / "tiny")
+    manifest = json.loads((tmp_path / "tiny" / "manifest.json").read_text())
+    later = ("digits_clips", "styles_clips", "heldout_clips", "conv_dim", "pos_conv", "codevectors")
+    later += ("mask_prob", "mask_length", "negatives", "kind")
+    manifest["spec"] = {k: v for k, v in manifest["spec"].items() if k not in later}  # as written before
+    (tmp_path / "tiny" / "manifest.json").write_text(json.dumps(manifest))
+    assert zoo.check_entry(tmp_path / "tiny", TINY) is None
+    assert "different spec" in (zoo.check_entry(tmp_path / "tiny", replace(TINY, kind="mdlm")) or "")
+
+
 @pytest.fixture
 def tiny_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Register the tiny spec and point the cache at a temporary folder; return the zoo folder."""

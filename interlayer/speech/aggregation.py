@@ -53,7 +53,7 @@ def layer_prior(name: str, layers: int, p: float = 0.45, df: float = 2.0, nc: fl
         probs = np.array([(1 - p) ** i * p for i in range(layers)])
         probs[-1] += 1 - probs.sum()
     else:
-        if df <= 0 or nc < 0:
+        if not (df > 0 and nc >= 0):  # also refuses NaN
             raise ValueError(f"the χ² prior needs df > 0 and nc ≥ 0, not df={df}, nc={nc}")
         if layers == 1:
             probs = np.ones(1)
