@@ -5,7 +5,7 @@ Tasks: ``synth:styles`` (4 speaking styles, classification: accuracy) and ``synt
 CER and WER). For every (task, mode ∈ {lora, full}, aggregation ∈ {last, weighted, varan}, seed), one
 ``interlayer varan train`` run with the same budget: ``--steps`` steps of ``--batch-size`` clips from the same
 ``--train-size`` clips, the same step-k batches for every aggregation of a seed (the batch draw depends on
-(seed, k) only), the validation and test splits scored at the end. ``--workers`` runs go in parallel, one
+(seed, k) only), the validation split scored every 250 steps and the test split at the end. ``--workers`` runs go in parallel, one
 torch thread each (the fastest use of a 2-core machine for models this small). VARAN uses the
 official defaults (reversed χ² prior df 2, nc 10, β 0.05, KL(prior ‖ q)), the baselines the same heads.
 Mean ± std over seeds; a plot of VARAN's mean posterior over layers per task and mode.
@@ -80,7 +80,7 @@ def _run(job: tuple[str, str, str, int, dict, str, int]) -> dict:
         steps=steps,
         batch_size=batch_size,
         seed=seed,
-        eval_every=steps,
+        eval_every=250,  # fixed, so that a rerun with more --steps continues the same runs
         checkpoint_every=50,
     )
     start = time.perf_counter()

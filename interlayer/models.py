@@ -220,15 +220,17 @@ def _encoder_from_pretraining(
     import logging
     import sys
 
+    def no_load_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
     loader = logging.getLogger("transformers.modeling_utils")
-    level = loader.level
-    loader.setLevel(logging.ERROR)
+    loader.addFilter(no_load_report)  # a filter, not a level: transformers branches on the level itself
     try:
         model, info = AutoModel.from_pretrained(
             source, config=config, local_files_only=local_only, dtype=dtype, output_loading_info=True
         )
     finally:
-        loader.setLevel(level)
+        loader.removeFilter(no_load_report)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         print(

@@ -174,3 +174,21 @@ def test_an_sae_trains_on_a_speech_encoders_frames(
     summary = json.loads(out.strip().splitlines()[-1])
     sae = load_sae(tmp_path / "sae" / "layers.1")
     assert sae.cfg.d_in == 32 and summary["sites"]["layers.1"]["steps"] == 8  # 1024 frames / 128 per step
+
+
+def test_a_pretraining_checkpoint_opens_as_its_encoder_without_a_load_report(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import transformers as T
+    from conftest import tiny_speech_config
+
+    torch.manual_seed(0)
+    pretraining = T.Wav2Vec2ForPreTraining(tiny_speech_config())
+    pretraining.save_pretrained(tmp_path)
+    T.Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(tmp_path)
+    capfd.readouterr()
+    lm = load_model(str(tmp_path))
+    err = capfd.readouterr().err
+    assert type(lm.model).__name__ == "Wav2Vec2Model" and "LOAD REPORT" not in err and "sharded" not in err
+    assert torch.equal(lm.model.encoder.layers[1].feed_forward.output_dense.weight,
+                       pretraining.wav2vec2.encoder.layers[1].feed_forward.output_dense.weight)  # fmt: skip

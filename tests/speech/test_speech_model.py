@@ -200,3 +200,23 @@ def test_a_text_model_or_a_posterior_that_does_not_fit_is_refused(tiny_models: d
         HeadConfig(prior="geometric", prior_p=1.5)
     with pytest.raises(UserError, match="χ² prior needs df > 0"):
         HeadConfig(prior_df=float("nan"))
+
+
+@pytest.mark.parametrize("family", ["Hubert", "WavLM", "Data2VecAudio"])
+def test_every_wav2vec2_family_encoder_takes_the_heads_and_each_mode(family: str) -> None:
+    fields = {k: v for k, v in tiny_speech_config().to_dict().items() if k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim", "conv_kernel",
+        "conv_stride", "num_conv_pos_embeddings", "num_conv_pos_embedding_groups", "mask_time_prob")}  # fmt: skip
+    config = getattr(T, f"{family}Config")(**fields)
+    values, mask = _audio()
+    for mode, encoder_params in (("lora", 3 * 2 * 4 * (32 + 64)), ("frozen", 0)):
+        torch.manual_seed(0)
+        encoder = getattr(T, f"{family}Model")(config)
+        model = VaranModel(encoder, HeadConfig("ctc", "varan", 5, posterior_heads=4))
+        set_trainable(model, mode, lora_rank=4)
+        trainable = _trainable(model)
+        assert sum(c for n, c in trainable.items() if n.startswith("encoder.")) == encoder_params
+        output = model(values, mask)
+        # frames: 6400 samples → (6400−10)//5+1 = 1279 → (1279−8)//8+1 = 159 → (159−4)//8+1 = 20; clip 0's 4000: 12
+        assert output.logits.shape == (3, 3, 20, 5)
+        assert output.frame_mask_BT.sum(-1).tolist() == [12, 20, 20]
