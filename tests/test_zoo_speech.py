@@ -101,7 +101,9 @@ def test_speech_build_writes_an_encoder_layout_without_tokenizer_and_a_complete_
     assert manifest["parameters"] == zoo.parameter_count(TINY_SPEECH)
     assert manifest["train_clips"] == 4 and manifest["heldout_clips"] == 2
     assert manifest["chance_contrastive_loss"] == pytest.approx(math.log(6))
-    assert manifest["heldout_code_perplexity_start"] != manifest["heldout_code_perplexity"]  # training moved it
+    assert (
+        manifest["heldout_code_perplexity_start"] != manifest["heldout_code_perplexity"]
+    )  # training moved it
     assert manifest["corpus_fingerprint"] == zoo.corpus_fingerprint_of(TINY_SPEECH)
     assert zoo.check_entry(built, TINY_SPEECH) is None
     assert not list(built.parent.glob(".build-*"))
