@@ -80,7 +80,7 @@ def _run(job: tuple[str, str, str, int, dict, str, int]) -> dict:
         steps=steps,
         batch_size=batch_size,
         seed=seed,
-        eval_every=250,  # fixed, so that a rerun with more --steps continues the same runs
+        eval_every=250,
         checkpoint_every=50,
     )
     start = time.perf_counter()

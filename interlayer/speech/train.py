@@ -163,13 +163,13 @@ def _check_lengths(encoder: Any, speech: SpeechSet, targets: list[list[int]], sp
                 )
 
 
-def encode(cfg: VaranTrainConfig, speech: SpeechSet, names: list[str], split: str, encoder: Any) -> Encoded:
+def encode(task: str, speech: SpeechSet, names: list[str], split: str, encoder: Any) -> Encoded:
     """``speech`` as class indices / symbol sequences over ``names``; a label or character outside them, an
     empty split and a clip too short (:func:`_check_lengths`) are refused."""
     if not len(speech):
         raise UserError(f"{speech.name}: the {split} split has no clips")
     index = {name: i for i, name in enumerate(names)}
-    if cfg.task == "classification":
+    if task == "classification":
         unknown = sorted(set(speech.labels) - set(index)) if speech.labels else ["(none: unlabelled)"]
         if unknown:
             raise UserError(
@@ -292,9 +292,14 @@ def train(
     """Fine-tune ``encoder`` (loaded from ``model_name``) on ``splits`` (train, validation, test) into ``out``
     (resuming from its checkpoint); returns the summary also written to ``out/summary.json``."""
     out = Path(out)
-    check_settings(out, {"config": {k: v for k, v in asdict(cfg).items() if k != "steps"}} | settings, ())
+    # what fixes the trained weights must match on a rerun; steps may grow, and how often the run validates,
+    # checkpoints or batches its evaluation may change
+    bookkeeping = ("steps", "eval_every", "checkpoint_every", "eval_batch_size")
+    check_settings(
+        out, {"config": {k: v for k, v in asdict(cfg).items() if k not in bookkeeping}} | settings, ()
+    )
     names = output_names(cfg, splits["train"])
-    encoded = {split: encode(cfg, speech, names, split, encoder) for split, speech in splits.items()}
+    encoded = {split: encode(cfg.task, speech, names, split, encoder) for split, speech in splits.items()}
     device = next(encoder.parameters()).device
     pass_mask = bool(getattr(feature_extractor, "return_attention_mask", True))
     model = build_model(encoder, cfg, len(names), pass_mask).to(device)

@@ -13,7 +13,7 @@ from interlayer.errors import UserError
 from interlayer.models import load_model, resolve_model_source
 from interlayer.speech.corpus import SpeechSet
 from interlayer.speech.datasets import SPLITS, load_speech
-from interlayer.speech.model import VaranModel, set_trainable
+from interlayer.speech.model import HeadConfig, VaranModel, set_trainable
 from interlayer.speech.synthesis import SAMPLE_RATE
 from interlayer.speech.train import VaranTrainConfig, encode, evaluate, train
 
@@ -124,22 +124,8 @@ def load_trained(run: Path, device: str = "cpu") -> tuple[VaranModel, Any, list[
             "changed); its heads and adapters would not fit"
         )
     encoder, features = load_encoder(str(meta["base_model"]), device)
-    head = meta["head"]
-    cfg = VaranTrainConfig(
-        task=head["task"],
-        aggregation=head["aggregation"],
-        mode=str(meta["mode"]),
-        lora_rank=int(meta["lora_rank"]),
-        posterior_heads=head["posterior_heads"],
-        prior=head["prior"],
-        prior_df=head["prior_df"],
-        prior_nc=head["prior_nc"],
-        prior_p=head["prior_p"],
-        beta=head["beta"],
-        kl_direction=head["kl_direction"],
-    )
-    model = VaranModel(encoder, cfg.head_config(int(head["outputs"])), features.return_attention_mask)
-    set_trainable(model, cfg.mode, cfg.lora_rank)
+    model = VaranModel(encoder, HeadConfig(**meta["head"]), features.return_attention_mask)
+    set_trainable(model, str(meta["mode"]), int(meta["lora_rank"]))
     trained = atomic.read_tensors(folder / "trained.safetensors", "trained weights", device)
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(trained) != expected:
@@ -171,7 +157,6 @@ def evaluate_run(
     """``varan evaluate``: the metrics of a trained run on ``split`` of ``data``."""
     model, features, names, meta = load_trained(run, device)
     speech = load_speech(data, split, size, 0, resample, label_column, text_column, split_name)
-    cfg = VaranTrainConfig(task=model.cfg.task)
-    encoded = encode(cfg, speech, names, split, model.encoder)
+    encoded = encode(model.cfg.task, speech, names, split, model.encoder)
     metrics = evaluate(model, features, encoded, names, batch_size, next(model.parameters()).device)
     return {"run": str(run), "data": data, "split": split, "base_model": meta["base_model"]} | metrics
